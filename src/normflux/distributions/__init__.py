@@ -1,0 +1,4 @@
+"""Base distributions."""
+from .base import BaseDistribution, CircularUniform, DiagGaussian, Product, Uniform, VonMises
+
+__all__ = ["BaseDistribution", "DiagGaussian", "Uniform", "VonMises", "CircularUniform", "Product"]

@@ -1,0 +1,249 @@
+"""The flow model: a transform and a base distribution."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.distributions import Distribution, constraints
+
+from .distributions.base import BaseDistribution
+from .transforms.base import Transform, is_compiling
+
+__all__ = ["Flow", "FlowDistribution"]
+
+
+class Flow(nn.Module):
+    """A normalizing flow ``x = T^{-1}(z), z ~ base``, with density by change of variables.
+
+    ``log p(x | c) = log p_base(T(x; c) | c) + log|det dT/dx|`` (Papamakarios et al. 2021,
+    eq. 2), where ``T = transform`` maps data to base (the forward direction).
+
+    Shapes: ``x`` is ``(*batch, *event_shape)``; ``context`` is ``(*batch, C)``, or a
+    single ``(C,)`` / ``(1, C)`` row that broadcasts over the batch. Leading batch
+    dimensions are flattened for the transform and restored on the way out.
+
+    Arguments:
+        transform: a :class:`~normflux.transforms.Transform` (data -> base).
+        base: a :class:`~normflux.distributions.BaseDistribution`.
+        context_features: ``C`` for a conditional flow; default: the transform's or the
+            base's ``context_features``.
+
+    Raises (from every method):
+        ValueError: ``x`` with the wrong event shape, dtype or NaN; a context of the wrong
+            shape, one passed to an unconditional flow, or none for a conditional one —
+            each message names what was expected and what was received. These checks run
+            before any computation (and are skipped inside ``torch.compile``).
+    """
+
+    def __init__(self, transform: Transform, base: BaseDistribution,
+                 context_features: int | None = None):
+        super().__init__()
+        self.transform = transform
+        self.base = base
+        feats = {m.context_features for m in (transform, base) if m.context_features is not None}
+        if context_features is not None:
+            feats.add(context_features)
+        if len(feats) > 1:
+            raise ValueError(f"transform and base expect different context sizes {sorted(feats)}")
+        self.context_features = feats.pop() if feats else None
+        self.event_shape = tuple(base.event_shape)
+
+    # ------------------------------------------------------------------ validation
+    def _dtype(self) -> torch.dtype:
+        for t in self.parameters():
+            return t.dtype
+        for t in self.buffers():
+            if t.is_floating_point():
+                return t.dtype
+        return torch.get_default_dtype()
+
+    def _prepare_x(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        ev = self.event_shape
+        if x.dim() < len(ev) + 1 or tuple(x.shape[x.dim() - len(ev):]) != ev:
+            raise ValueError(f"x must have shape (batch, {', '.join(map(str, ev))}), "
+                             f"got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+        if x.dtype != self._dtype():
+            raise ValueError(f"x has dtype {x.dtype} but the flow is {self._dtype()}; "
+                             f"convert one of them (x.to({self._dtype()}) or flow.to({x.dtype}))")
+        if not is_compiling() and bool(torch.isnan(x).any()):
+            rows = torch.isnan(x.reshape(-1, math.prod(ev))).any(-1).nonzero().flatten()
+            raise ValueError(f"x contains NaN (rows {rows[:5].tolist()}"
+                             f"{' ...' if len(rows) > 5 else ''})")
+        batch = tuple(x.shape[:x.dim() - len(ev)])
+        return x.reshape(-1, *ev), batch
+
+    def _prepare_context(self, context: Tensor | None, batch: tuple[int, ...]) -> Tensor | None:
+        C = self.context_features
+        if C is None:
+            if context is not None:
+                raise ValueError("this flow is unconditional but a context of shape "
+                                 f"{tuple(context.shape)} was passed")
+            return None
+        if context is None:
+            raise ValueError(f"this flow is conditional: pass a context with {C} features "
+                             "(context=None was given)")
+        if not isinstance(context, Tensor):
+            raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
+        if not context.is_floating_point():
+            raise ValueError(f"context must be floating point, got dtype {context.dtype}")
+        if context.dim() == 0 or context.shape[-1] != C:
+            raise ValueError(f"context must have {C} features in its last dimension, got "
+                             f"context of shape {tuple(context.shape)} "
+                             f"({context.shape[-1] if context.dim() else 0} features, expected {C})")
+        if context.dtype != self._dtype():
+            raise ValueError(f"context has dtype {context.dtype} but the flow is {self._dtype()}")
+        cb = tuple(context.shape[:-1])
+        try:
+            shape = torch.broadcast_shapes(cb, batch)
+        except RuntimeError:
+            shape = None
+        if shape != batch:
+            raise ValueError(f"context batch shape {cb} does not match the input batch shape "
+                             f"{batch}: they must be equal, or the context must have size 1 "
+                             "where they differ")
+        if not is_compiling() and bool(torch.isnan(context).any()):
+            raise ValueError("context contains NaN")
+        return context.expand(*batch, C).reshape(-1, C)
+
+    # ------------------------------------------------------------------ density
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Log-density ``log p(x | context)`` in nats.
+
+        Arguments:
+            x: ``(*batch, *event_shape)``; context: ``(*batch, C)`` or broadcastable.
+
+        Returns:
+            ``(*batch,)``.
+        """
+        x, batch = self._prepare_x(x)
+        context = self._prepare_context(context, batch)
+        z, ladj = self.transform(x, context)
+        return (self.base.log_prob(z, context) + ladj).reshape(batch)
+
+    def sample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Draw samples and their log-density in one pass (no second forward pass).
+
+        Samples are reparameterized (differentiable with respect to the flow's
+        parameters), as used by :meth:`reverse_kld`.
+
+        Arguments:
+            n: number of samples.
+            context: ``None``, ``(C,)`` (one context for all samples) or ``(M, C)``.
+
+        Returns:
+            ``(x, log_prob)`` with ``x`` of shape ``(n, *event_shape)`` (context ``None``
+            or ``(C,)``) or ``(n, M, *event_shape)`` (context ``(M, C)``), and
+            ``log_prob`` of shape ``(n,)`` or ``(n, M)``.
+        """
+        n = int(n)
+        if n < 0:
+            raise ValueError(f"n must be non-negative, got {n}")
+        batch: tuple[int, ...] = (n,)
+        if context is not None and isinstance(context, Tensor) and context.dim() >= 2:
+            batch = (n, *context.shape[:-1])
+        ctx = self._prepare_context(context, batch) if self.context_features is not None or \
+            context is not None else None
+        m = math.prod(batch)
+        z = self.base.sample(m, ctx)
+        log_q = self.base.log_prob(z, ctx)
+        x, ladj = self.transform.inverse(z, ctx)
+        return x.reshape(*batch, *self.event_shape), (log_q - ladj).reshape(batch)
+
+    def sample(self, n: int, context: Tensor | None = None) -> Tensor:
+        """Draw ``n`` samples (shapes as in :meth:`sample_and_log_prob`)."""
+        n = int(n)
+        batch: tuple[int, ...] = (n,)
+        if context is not None and isinstance(context, Tensor) and context.dim() >= 2:
+            batch = (n, *context.shape[:-1])
+        ctx = self._prepare_context(context, batch) if self.context_features is not None or \
+            context is not None else None
+        z = self.base.sample(math.prod(batch), ctx)
+        x, _ = self.transform.inverse(z, ctx)
+        return x.reshape(*batch, *self.event_shape)
+
+    # ------------------------------------------------------------------ losses
+    def forward_kld(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Forward KL up to the data entropy: the mean negative log-likelihood (nats).
+
+        Minimising it is maximum likelihood (Papamakarios et al. 2021, eq. 13).
+        """
+        return -self.log_prob(x, context).mean()
+
+    def reverse_kld(self, target, n: int, beta: float = 1.0,
+                    context: Tensor | None = None) -> Tensor:
+        """Monte Carlo reverse KL ``E_q[log q(x) - beta log p~(x)]`` with ``n`` samples.
+
+        ``target.log_prob(x)`` is an unnormalised log-density; the estimate equals
+        ``KL(q || p)`` minus ``log Z`` of the target (Papamakarios et al. 2021, eq. 17).
+        ``beta`` is an inverse temperature (annealing). Gradients flow through the
+        reparameterized samples.
+
+        Returns:
+            a scalar tensor.
+        """
+        x, log_q = self.sample_and_log_prob(n, context)
+        if context is not None:
+            log_p = target.log_prob(x, context)
+        else:
+            log_p = target.log_prob(x)
+        return (log_q - beta * log_p).mean()
+
+    # ------------------------------------------------------------------ distribution view
+    def distribution(self, context: Tensor | None = None) -> "FlowDistribution":
+        """A :class:`torch.distributions.Distribution` view of the flow at ``context``.
+
+        With ``context`` of shape ``(M, C)`` the distribution has ``batch_shape (M,)``.
+        """
+        return FlowDistribution(self, context)
+
+    def forward(self, context: Tensor | None = None) -> "FlowDistribution":
+        """``flow(context)`` is :meth:`distribution` (conditioning by partial application)."""
+        return self.distribution(context)
+
+
+class FlowDistribution(Distribution):
+    """A flow at a fixed context, as a ``torch.distributions.Distribution``.
+
+    Supports ``log_prob``, ``sample`` and ``rsample`` (reparameterized), so that a flow
+    drops into Pyro or any code written against ``torch.distributions``.
+
+    Arguments:
+        flow: the :class:`Flow`.
+        context: ``None``, ``(C,)`` or ``(M, C)``; the batch shape is ``()`` or ``(M,)``.
+    """
+
+    has_rsample = True
+    arg_constraints: dict = {}
+    support = constraints.real_vector
+
+    def __init__(self, flow: Flow, context: Tensor | None = None):
+        self.flow = flow
+        self.context = context
+        batch = tuple(context.shape[:-1]) if context is not None else ()
+        super().__init__(batch_shape=torch.Size(batch), event_shape=torch.Size(flow.event_shape),
+                         validate_args=False)
+
+    def _draw(self, sample_shape) -> tuple[Tensor, Tensor]:
+        n = math.prod(sample_shape)
+        x, lp = self.flow.sample_and_log_prob(n, self.context)
+        return (x.reshape(*sample_shape, *self.batch_shape, *self.event_shape),
+                lp.reshape(*sample_shape, *self.batch_shape))
+
+    def rsample(self, sample_shape=torch.Size()) -> Tensor:
+        return self._draw(torch.Size(sample_shape))[0]
+
+    def sample(self, sample_shape=torch.Size()) -> Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def rsample_and_log_prob(self, sample_shape=torch.Size()) -> tuple[Tensor, Tensor]:
+        return self._draw(torch.Size(sample_shape))
+
+    def log_prob(self, value: Tensor) -> Tensor:
+        return self.flow.log_prob(value, self.context)

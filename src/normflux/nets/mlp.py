@@ -1,0 +1,85 @@
+"""Conditioner networks."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MLP"]
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, width: int, activation: type[nn.Module]):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(width, width), activation(), nn.Linear(width, width))
+        self.act = activation()
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.act(h + self.net(h))
+
+
+class MLP(nn.Module):
+    """Multi-layer perceptron used as a conditioner, optionally residual and conditional.
+
+    ``MLP(in_features, out_features, hidden_features=(64, 64))`` maps ``(batch, in)`` to
+    ``(batch, out)``; with ``context_features=C`` the context ``(batch, C)`` is
+    concatenated to the input. With ``residual=True`` the hidden layers are residual
+    blocks of constant width (He et al. 2016; the ResNet conditioner of Durkan et al. 2019).
+    ``zero_init=True`` zeroes the last layer, so that a coupling or autoregressive layer
+    starts as the identity.
+
+    Arguments:
+        in_features: input width (may be 0 when only a context is seen).
+        out_features: output width.
+        hidden_features: hidden widths; with ``residual`` all must be equal.
+        context_features: context width, or ``None``.
+        activation: activation module class (default ``nn.ReLU``).
+        residual: use residual blocks (two linear layers each).
+        zero_init: zero the output layer's weight and bias.
+
+    Raises:
+        ValueError: non-positive widths, or unequal widths with ``residual``.
+    """
+
+    def __init__(self, in_features: int, out_features: int,
+                 hidden_features: Sequence[int] | int = (64, 64),
+                 context_features: int | None = None, activation: type[nn.Module] = nn.ReLU,
+                 residual: bool = False, zero_init: bool = True):
+        super().__init__()
+        if isinstance(hidden_features, int):
+            hidden_features = (hidden_features, hidden_features)
+        hidden_features = tuple(int(h) for h in hidden_features)
+        if not hidden_features or min(hidden_features) < 1 or out_features < 1 or in_features < 0:
+            raise ValueError(f"MLP widths must be positive, got in={in_features}, "
+                             f"hidden={hidden_features}, out={out_features}")
+        if residual and len(set(hidden_features)) != 1:
+            raise ValueError("a residual MLP needs equal hidden widths, got "
+                             f"{hidden_features}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.context_features = context_features
+        n_in = in_features + (context_features or 0)
+        if n_in < 1:
+            raise ValueError("MLP has neither input features nor context")
+        layers: list[nn.Module] = [nn.Linear(n_in, hidden_features[0]), activation()]
+        if residual:
+            layers += [_ResidualBlock(hidden_features[0], activation)
+                       for _ in range(len(hidden_features) - 1)]
+        else:
+            for a, b in zip(hidden_features[:-1], hidden_features[1:]):
+                layers += [nn.Linear(a, b), activation()]
+        self.body = nn.Sequential(*layers)
+        self.head = nn.Linear(hidden_features[-1], out_features)
+        if zero_init:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``(batch, in)`` (+ context ``(batch, C)``) -> ``(batch, out)``."""
+        if context is not None:
+            if context.shape[0] != x.shape[0]:
+                context = context.expand(x.shape[0], -1)
+            x = torch.cat([x, context], dim=-1) if self.in_features else context
+        return self.head(self.body(x))

@@ -1,0 +1,15 @@
+"""Invertible transforms (data -> base in the forward direction)."""
+from .base import Chain, Inverse, Transform, check_context
+from .bijections import Additive, Affine, Bijection, RQSpline
+from .coupling import Coupling, make_mask
+from .domains import Domain, DomainSpec, as_domains, circle, interval, real
+from .permutations import CircularShift, Permutation
+from .splines import rational_quadratic_spline, spline_knots
+
+__all__ = [
+    "Transform", "Chain", "Inverse", "check_context",
+    "Bijection", "Affine", "Additive", "RQSpline",
+    "Coupling", "make_mask", "Permutation", "CircularShift",
+    "Domain", "DomainSpec", "as_domains", "real", "interval", "circle",
+    "rational_quadratic_spline", "spline_knots",
+]

@@ -1,0 +1,180 @@
+"""The transform contract: ``Transform``, ``Chain`` and ``Inverse``.
+
+A transform maps data ``x`` to a base sample ``z`` in its *forward* (normalizing)
+direction, as in nflows, zuko and the review of Papamakarios et al. (2021, JMLR 22(57),
+section 2.1)::
+
+    z, ladj = transform(x, context=None)          # ladj = log|det dz/dx|, shape (batch,)
+    x, ladj = transform.inverse(z, context=None)  # ladj = log|det dx/dz|, shape (batch,)
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Transform", "Chain", "Inverse", "check_context", "is_compiling"]
+
+
+def is_compiling() -> bool:
+    """Whether the code runs under ``torch.compile`` tracing (then data checks are skipped).
+
+    Returns:
+        ``True`` inside a dynamo trace, else ``False`` (also on torch builds without
+        ``torch.compiler.is_compiling``).
+    """
+    compiler = getattr(torch, "compiler", None)
+    fn = getattr(compiler, "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
+def check_context(context: Tensor | None, context_features: int | None, batch: int | None,
+                  owner: str = "transform") -> None:
+    """Validate a ``context`` argument against what a conditional module expects.
+
+    Arguments:
+        context: ``None`` or a tensor of shape ``(batch, context_features)``; a leading
+            dimension of 1 broadcasts over the batch.
+        context_features: the number of context features expected, or ``None`` for an
+            unconditional module (which then refuses any context).
+        batch: the batch size of the input, or ``None`` to skip the batch check.
+        owner: a name for the error messages.
+
+    Raises:
+        ValueError: context given to an unconditional module, missing context for a
+            conditional one, wrong number of context features, a batch mismatch, or a
+            non-floating context. Shapes only are checked, so this is free under
+            ``torch.compile``.
+    """
+    if context_features is None:
+        if context is not None:
+            raise ValueError(
+                f"{owner} is unconditional but a context of shape {tuple(context.shape)} was "
+                "passed; build it with context_features=... to condition on it")
+        return
+    if context is None:
+        raise ValueError(f"{owner} is conditional and expects a context with "
+                         f"{context_features} features, got context=None")
+    if not isinstance(context, Tensor):
+        raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
+    if not context.is_floating_point():
+        raise ValueError(f"context must be a floating-point tensor, got dtype {context.dtype}")
+    if context.dim() != 2 or context.shape[-1] != context_features:
+        raise ValueError(f"{owner} expects a context of shape (batch, {context_features}), "
+                         f"got context of shape {tuple(context.shape)} "
+                         f"({context.shape[-1] if context.dim() else 0} features, "
+                         f"expected {context_features})")
+    if batch is not None and context.shape[0] not in (1, batch):
+        raise ValueError(f"context has batch size {context.shape[0]} but the input has batch "
+                         f"size {batch}; they must match (or the context batch must be 1)")
+
+
+class Transform(nn.Module):
+    """Base class of every invertible transform.
+
+    Subclasses implement :meth:`forward` (data -> base, the normalizing direction) and
+    :meth:`inverse` (base -> data). Both take ``x`` of shape ``(batch, *event_shape)`` and
+    an optional ``context`` of shape ``(batch, context_features)`` and return the output
+    with the input's shape and ``ladj`` of shape ``(batch,)``, the log-absolute-determinant
+    of the Jacobian of *that* direction, in the input's dtype and device. They must satisfy
+    ``forward(inverse(z)) == z`` on the support (1e-5 float32, 1e-10 float64).
+
+    Class attributes a subclass may set:
+        context_features: number of context features, ``None`` when unconditional.
+        exact_inverse: ``False`` when :meth:`inverse` is iterative (documented tolerance).
+
+    References:
+        Papamakarios et al., "Normalizing flows for probabilistic modeling and inference",
+        JMLR 22(57), 2021, eq. (2)-(5).
+    """
+
+    context_features: int | None = None
+    exact_inverse: bool = True
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _check(self, x: Tensor, context: Tensor | None) -> None:
+        """Check ``context`` against ``self.context_features`` (shape checks only)."""
+        check_context(context, self.context_features, x.shape[0], type(self).__name__)
+
+
+class Chain(Transform):
+    """Composition of transforms, applied in order in the forward direction.
+
+    ``Chain([t1, t2, t3])(x)`` computes ``t3(t2(t1(x)))`` and sums the ``ladj``;
+    :meth:`inverse` applies the inverses in reverse order. ``context`` is passed to every
+    member. A chain is conditional when any member is; each member checks the context.
+
+    Arguments:
+        transforms: an iterable of :class:`Transform`.
+
+    Raises:
+        TypeError: a member is not a :class:`Transform`.
+    """
+
+    def __init__(self, transforms: Iterable[Transform]):
+        super().__init__()
+        transforms = list(transforms)
+        for t in transforms:
+            if not isinstance(t, Transform):
+                raise TypeError(f"Chain members must be Transforms, got {type(t).__name__}")
+        self.transforms = nn.ModuleList(transforms)
+        feats = {t.context_features for t in transforms if t.context_features is not None}
+        if len(feats) > 1:
+            raise ValueError(f"Chain members expect different context sizes {sorted(feats)}")
+        self.context_features = feats.pop() if feats else None
+        self.exact_inverse = all(t.exact_inverse for t in transforms)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check(x, context)
+        ladj = x.new_zeros(x.shape[0])
+        for t in self.transforms:
+            x, l = t(x, context if t.context_features is not None else None)
+            ladj = ladj + l
+        return x, ladj
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check(z, context)
+        ladj = z.new_zeros(z.shape[0])
+        for t in reversed(self.transforms):
+            z, l = t.inverse(z, context if t.context_features is not None else None)
+            ladj = ladj + l
+        return z, ladj
+
+    def __len__(self) -> int:
+        return len(self.transforms)
+
+    def __getitem__(self, i: int) -> Transform:
+        return self.transforms[i]
+
+
+class Inverse(Transform):
+    """The inverse of a transform: swaps :meth:`forward` and :meth:`inverse`.
+
+    An inverse autoregressive flow is ``Inverse(MaskedAutoregressive(...))``: its
+    density evaluation is sequential and its sampling is one pass.
+    ``Inverse(Inverse(t))`` returns a module equivalent to ``t``.
+
+    Arguments:
+        transform: the :class:`Transform` to invert.
+    """
+
+    def __init__(self, transform: Transform):
+        super().__init__()
+        if not isinstance(transform, Transform):
+            raise TypeError(f"Inverse expects a Transform, got {type(transform).__name__}")
+        self.transform = transform
+        self.context_features = transform.context_features
+        self.exact_inverse = transform.exact_inverse
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform.inverse(x, context)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.transform(z, context)

@@ -1,0 +1,165 @@
+"""Coupling layers: one mechanism for NICE, Real NVP, spline and circular couplings."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..nets.mlp import MLP
+from .base import Transform
+from .bijections import Bijection
+from .domains import DomainLike, DomainSpec, as_domains
+
+__all__ = ["Coupling", "make_mask"]
+
+
+def make_mask(kind: str, features: int, *, flip: bool = False,
+              generator: torch.Generator | None = None) -> Tensor:
+    """A boolean coupling mask of ``features`` entries; ``True`` marks transformed coordinates.
+
+    Arguments:
+        kind: ``"alternating"`` (odd positions 1, 3, ... transformed), ``"half"`` (the
+            second half transformed) or ``"random"`` (a random half, drawn from
+            ``generator``).
+        features: the number of coordinates, >= 2.
+        flip: negate the mask (the complementary layer of a pair).
+        generator: random generator for ``"random"``.
+
+    Raises:
+        ValueError: an unknown kind or fewer than 2 features.
+    """
+    if features < 2:
+        raise ValueError(f"a coupling mask needs at least 2 features, got {features}")
+    if kind == "alternating":
+        mask = torch.arange(features) % 2 == 1
+    elif kind == "half":
+        mask = torch.arange(features) >= features // 2
+    elif kind == "random":
+        perm = torch.randperm(features, generator=generator)
+        mask = torch.zeros(features, dtype=torch.bool)
+        mask[perm[features // 2:]] = True
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}: use 'alternating', 'half', 'random' "
+                         "or an explicit boolean tensor")
+    return ~mask if flip else mask
+
+
+class Coupling(Transform):
+    """Coupling layer ``y_A = x_A, y_B = f(x_B; theta(x_A, context))``.
+
+    One class for every coupling flow (Dinh et al. 2015 NICE, eq. 4; Dinh et al. 2017
+    Real NVP, eq. 4-6; Durkan et al. 2019 NSF, section 3.1; the circular spline coupling
+    of Rezende et al. 2020): pass the elementwise :class:`Bijection` (``Additive``,
+    ``Affine``, ``RQSpline``) and the mask. The conditioner sees the untouched
+    coordinates ``x_A`` (circular ones as ``(cos, sin)``), concatenated with the context.
+
+    ``ladj = sum_{i in B} log|f'(x_i)|``; the inverse is exact and costs one conditioner
+    pass.
+
+    Arguments:
+        bijection: the elementwise bijection ``f``.
+        conditioner: ``None`` (an :class:`~normflux.nets.MLP` with ``hidden_features``,
+            zero last layer so that the layer starts as the identity), a factory
+            ``conditioner(in_features, out_features, context_features) -> nn.Module``, or
+            a module mapping ``(batch, in_features)`` and ``context`` to
+            ``(batch, n_B * bijection.num_params)``.
+        mask: ``(features,)`` booleans, ``True`` for transformed coordinates, or a kind
+            for :func:`make_mask` (``"alternating"``, ``"half"``, ``"random"``).
+        features: number of coordinates ``D`` (needed when ``mask`` is a kind).
+        domains: one :class:`~normflux.transforms.domains.Domain` per coordinate (or one
+            for all); default all real.
+        context_features: context width ``C`` or ``None``.
+        hidden_features: hidden widths of the default conditioner.
+        flip: negate the mask.
+        generator: random generator for a random mask.
+
+    Shapes:
+        ``x``: ``(batch, D)``; ``context``: ``(batch, C)``; ``ladj``: ``(batch,)``.
+
+    Raises:
+        ValueError: a mask with no transformed or no conditioning coordinate, a mask of
+            the wrong length, domains the bijection does not support, a context where
+            none is expected (or none where one is).
+    """
+
+    def __init__(self, bijection: Bijection, conditioner: nn.Module | Callable | None = None,
+                 mask: Tensor | Sequence[bool] | str = "alternating", *, features: int | None = None,
+                 domains: DomainLike | Sequence[DomainLike] | None = None,
+                 context_features: int | None = None,
+                 hidden_features: Sequence[int] | int = (64, 64), flip: bool = False,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if isinstance(mask, str):
+            if features is None:
+                raise ValueError(f"mask={mask!r} needs features=...")
+            mask = make_mask(mask, features, flip=flip, generator=generator)
+        else:
+            mask = torch.as_tensor(mask, dtype=torch.bool)
+            if flip:
+                mask = ~mask
+            if mask.dim() != 1:
+                raise ValueError(f"mask must be 1-D, got shape {tuple(mask.shape)}")
+            if features is not None and features != mask.numel():
+                raise ValueError(f"mask has {mask.numel()} entries for {features} features")
+        n_b = int(mask.sum())
+        if n_b == 0 or n_b == mask.numel():
+            raise ValueError("a coupling mask needs at least one transformed (True) and one "
+                             f"conditioning (False) coordinate, got {mask.tolist()}")
+        self.features = mask.numel()
+        self.bijection = bijection
+        self.context_features = context_features
+        self.domains = as_domains(domains, self.features)
+        self.register_buffer("mask", mask)
+        self._rebuild()
+        P = bijection.num_params(self.spec_b)
+        self.num_params = P
+        n_in = self.spec_a.num_features()
+        if conditioner is None:
+            conditioner = MLP(n_in, n_b * P, hidden_features, context_features)
+        elif not isinstance(conditioner, nn.Module):
+            conditioner = conditioner(n_in, n_b * P, context_features)
+        self.conditioner = conditioner
+
+    def _rebuild(self) -> None:
+        """Derive index buffers and domain specs from ``self.mask`` (also after loading)."""
+        mask = self.mask
+        idx_b = torch.nonzero(mask).flatten()
+        idx_a = torch.nonzero(~mask).flatten()
+        order = torch.cat([idx_a, idx_b])
+        self.register_buffer("idx_a", idx_a, persistent=False)
+        self.register_buffer("idx_b", idx_b, persistent=False)
+        self.register_buffer("inv_order", torch.argsort(order), persistent=False)
+        old = getattr(self, "spec_b", None)
+        dtype = old.low.dtype if old is not None else torch.get_default_dtype()
+        self.spec_a = DomainSpec([self.domains[i] for i in idx_a.tolist()]).to(mask.device, dtype)
+        self.spec_b = self.bijection.make_spec([self.domains[i] for i in idx_b.tolist()]).to(
+            mask.device, dtype)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._rebuild()
+
+    def _params(self, x_a: Tensor, context: Tensor | None) -> Tensor:
+        h = self.spec_a.features(x_a)
+        out = self.conditioner(h, context) if self.context_features is not None else self.conditioner(h)
+        return out.view(x_a.shape[0], self.idx_b.numel(), self.num_params)
+
+    def _couple(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
+        self._check(x, context)
+        x_a, x_b = x[:, self.idx_a], x[:, self.idx_b]
+        params = self._params(x_a, context)
+        f = self.bijection.inverse if inverse else self.bijection.forward
+        y_b, lad = f(x_b, params, self.spec_b)
+        y = torch.cat([x_a, y_b], dim=1)[:, self.inv_order]
+        return y, lad.sum(dim=1)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._couple(x, context, inverse=False)
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._couple(z, context, inverse=True)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, transformed={self.idx_b.tolist()}"

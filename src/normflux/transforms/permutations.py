@@ -1,0 +1,95 @@
+"""Permutations of coordinates and circular shifts of angles (volume preserving, ``ladj = 0``)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .base import Transform
+from .domains import DomainLike, DomainSpec, as_domains
+
+__all__ = ["Permutation", "CircularShift"]
+
+
+class Permutation(Transform):
+    """Fixed permutation of the last axis: ``z = x[:, perm]``, ``ladj = 0``.
+
+    The permutation is a buffer, so it is part of ``state_dict`` (a flow rebuilt with
+    another seed reproduces the saved function after ``load_state_dict``). Use
+    :meth:`reverse` (Dinh et al. 2017 alternate by reversal; Papamakarios et al. 2017
+    MAF) or :meth:`random` (Kingma & Dhariwal 2018, "shuffle").
+
+    Arguments:
+        perm: ``(D,)`` a permutation of ``0..D-1``.
+
+    Raises:
+        ValueError: ``perm`` is not a permutation of ``0..D-1``.
+    """
+
+    def __init__(self, perm: Tensor | Sequence[int]):
+        super().__init__()
+        perm = torch.as_tensor(perm, dtype=torch.long)
+        if perm.dim() != 1 or not torch.equal(torch.sort(perm).values, torch.arange(perm.numel())):
+            raise ValueError(f"not a permutation of 0..{perm.numel() - 1}: {perm.tolist()}")
+        self.register_buffer("perm", perm)
+        self.register_buffer("inv_perm", torch.argsort(perm))
+
+    @classmethod
+    def reverse(cls, features: int) -> "Permutation":
+        """Reverse the order of ``features`` coordinates."""
+        return cls(torch.arange(features - 1, -1, -1))
+
+    @classmethod
+    def random(cls, features: int, generator: torch.Generator | None = None) -> "Permutation":
+        """A uniformly random permutation of ``features`` coordinates (from ``generator``)."""
+        return cls(torch.randperm(features, generator=generator))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check(x, context)
+        return x[:, self.perm], x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check(z, context)
+        return z[:, self.inv_perm], z.new_zeros(z.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"perm={self.perm.tolist()}"
+
+
+class CircularShift(Transform):
+    """Rotate circular coordinates by a fixed angle: ``z = wrap(x + shift)``, ``ladj = 0``.
+
+    Circular splines fix the point ``-pi``; a shift between layers moves it (the
+    periodic shift of normflows' circular flows, Rezende et al. 2020, section 3.2).
+    Non-circular coordinates pass unchanged. Outputs lie in ``[low, high)``.
+
+    Arguments:
+        domains: one domain per coordinate (at least one circular).
+        shift: the angle in radians (default half a period, ``pi``).
+
+    Raises:
+        ValueError: no circular coordinate.
+    """
+
+    def __init__(self, domains: Sequence[DomainLike], shift: float = math.pi):
+        super().__init__()
+        self.spec = DomainSpec(as_domains(domains, len(domains)))
+        if not self.spec.any_circular:
+            raise ValueError("CircularShift needs at least one circular coordinate")
+        self.shift = float(shift)
+        self.register_buffer("offset", torch.where(self.spec.kind == 2, self.shift, 0.0),
+                             persistent=False)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check(x, context)
+        return self.spec.wrap(x + self.offset), x.new_zeros(x.shape[0])
+
+    def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self._check(z, context)
+        return self.spec.wrap(z - self.offset), z.new_zeros(z.shape[0])
+
+    def extra_repr(self) -> str:
+        return f"shift={self.shift:.4f}"
