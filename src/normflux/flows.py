@@ -111,6 +111,10 @@ class Flow(nn.Module):
             raise ValueError("context contains NaN")
         return context.expand(*batch, C).reshape(-1, C)
 
+    def _base_context(self, context: Tensor | None) -> Tensor | None:
+        """The context for the base: ``None`` when the base is unconditional."""
+        return context if self.base.context_features is not None else None
+
     # ------------------------------------------------------------------ density
     def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Log-density ``log p(x | context)`` in nats.
@@ -124,7 +128,7 @@ class Flow(nn.Module):
         x, batch = self._prepare_x(x)
         context = self._prepare_context(context, batch)
         z, ladj = self.transform(x, context)
-        return (self.base.log_prob(z, context) + ladj).reshape(batch)
+        return (self.base.log_prob(z, self._base_context(context)) + ladj).reshape(batch)
 
     def sample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Draw samples and their log-density in one pass (no second forward pass).
@@ -150,8 +154,9 @@ class Flow(nn.Module):
         ctx = self._prepare_context(context, batch) if self.context_features is not None or \
             context is not None else None
         m = math.prod(batch)
-        z = self.base.sample(m, ctx)
-        log_q = self.base.log_prob(z, ctx)
+        bctx = self._base_context(ctx)
+        z = self.base.sample(m, bctx)
+        log_q = self.base.log_prob(z, bctx)
         x, ladj = self.transform.inverse(z, ctx)
         return x.reshape(*batch, *self.event_shape), (log_q - ladj).reshape(batch)
 
@@ -163,7 +168,7 @@ class Flow(nn.Module):
             batch = (n, *context.shape[:-1])
         ctx = self._prepare_context(context, batch) if self.context_features is not None or \
             context is not None else None
-        z = self.base.sample(math.prod(batch), ctx)
+        z = self.base.sample(math.prod(batch), self._base_context(ctx))
         x, _ = self.transform.inverse(z, ctx)
         return x.reshape(*batch, *self.event_shape)
 

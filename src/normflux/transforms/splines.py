@@ -133,6 +133,7 @@ def rational_quadratic_spline(x: Tensor, xk: Tensor, yk: Tensor, dk: Tensor,
         xi1 = xi * (1 - xi)
         den = s + (d1 + d0 - 2 * s) * xi1
         y = y0 + h * (s * xi * xi + d0 * xi1) / den
+        y = torch.minimum(torch.maximum(y, y0), y1)  # rounding must not leave the bin
     else:
         dy = xs - y0
         c2 = d1 + d0 - 2 * s
@@ -140,12 +141,19 @@ def rational_quadratic_spline(x: Tensor, xk: Tensor, yk: Tensor, dk: Tensor,
         b = h * d0 - dy * c2
         c = -s * dy
         disc = (b * b - 4 * a * c).clamp(min=0)
-        den_root = -b - torch.sqrt(disc)
+        root = torch.sqrt(disc)
+        # The root in [0, 1] is 2c / (-b - sqrt(disc)) = (-b + sqrt(disc)) / (2a). Each form
+        # is free of cancellation for one sign of b: the first for b >= 0, the second for
+        # b < 0 (where a >= |b| > 0, since a + b + c = s (h - dy) >= 0 and c <= 0). Using
+        # the first for b < 0 loses every digit in float32 (xi off by ~1e-3 near a knot).
+        pos = b >= 0
+        den_root = torch.where(pos, -b - root, torch.full_like(b, -1.0))
         den_root = torch.where(den_root == 0, torch.full_like(den_root, -1e-30), den_root)
-        xi = (2 * c / den_root).clamp(0, 1)
+        a_safe = torch.where(pos, torch.ones_like(a), a)
+        xi = torch.where(pos, 2 * c / den_root, (root - b) / (2 * a_safe)).clamp(0, 1)
         xi1 = xi * (1 - xi)
         den = s + c2 * xi1
-        y = x0 + xi * w
+        y = torch.minimum(torch.maximum(x0 + xi * w, x0), x1)
     num = d1 * xi * xi + 2 * s * xi1 + d0 * (1 - xi) * (1 - xi)
     lad = 2 * torch.log(s) + torch.log(num) - 2 * torch.log(den)
     if inverse:

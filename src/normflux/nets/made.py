@@ -1,0 +1,181 @@
+"""MADE: masked autoencoder for distribution estimation (Germain et al., ICML 2015)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MADE", "MaskedLinear", "autoregressive_order"]
+
+
+def autoregressive_order(order: str | Sequence[int] | Tensor, features: int,
+                         generator: torch.Generator | None = None) -> Tensor:
+    """Degrees ``1..D`` of the ``D`` inputs: input ``i`` is generated ``order[i]``-th.
+
+    Arguments:
+        order: ``"sequential"`` (1, 2, ..., D), ``"reversed"`` (D, ..., 1), ``"random"``
+            (a random permutation from ``generator``), or explicit degrees (a permutation
+            of ``1..D``).
+        features: ``D >= 1``.
+
+    Raises:
+        ValueError: unknown order name, or explicit degrees that are not a permutation of
+            ``1..D``.
+    """
+    if isinstance(order, str):
+        if order == "sequential":
+            return torch.arange(1, features + 1)
+        if order == "reversed":
+            return torch.arange(features, 0, -1)
+        if order == "random":
+            return torch.randperm(features, generator=generator) + 1
+        raise ValueError(f"unknown order {order!r}: use 'sequential', 'reversed', 'random' "
+                         "or explicit degrees")
+    deg = torch.as_tensor(order, dtype=torch.long)
+    if deg.shape != (features,) or not torch.equal(torch.sort(deg).values,
+                                                   torch.arange(1, features + 1)):
+        raise ValueError(f"order must be a permutation of 1..{features}, got {deg.tolist()}")
+    return deg
+
+
+class MaskedLinear(nn.Linear):
+    """``y = x (W * M)^T + b`` with a fixed binary mask ``M`` (a saved buffer).
+
+    Arguments:
+        in_features, out_features: widths.
+        mask: ``(out_features, in_features)`` 0/1.
+    """
+
+    def __init__(self, in_features: int, out_features: int, mask: Tensor):
+        super().__init__(in_features, out_features)
+        if mask.shape != (out_features, in_features):
+            raise ValueError(f"mask shape {tuple(mask.shape)} != ({out_features}, {in_features})")
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight * self.mask, self.bias)
+
+
+class _MaskedResidualBlock(nn.Module):
+    def __init__(self, mask: Tensor, activation: type[nn.Module]):
+        super().__init__()
+        H = mask.shape[0]
+        self.l1 = MaskedLinear(H, H, mask)
+        self.l2 = MaskedLinear(H, H, mask)
+        self.act = activation()
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.act(h + self.l2(self.act(self.l1(h))))
+
+
+class MADE(nn.Module):
+    """Masked MLP whose output for input ``i`` depends only on inputs of lower degree.
+
+    Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", ICML 2015,
+    eq. 13-14 (masks from degrees). Input ``i`` has degree ``degrees[i]`` in ``1..D``;
+    hidden unit ``k`` has degree ``1 + (k mod (D-1))`` (all degrees present whenever
+    ``H >= D - 1``; any ``H >= 1`` is valid, and ``D = 1`` gives outputs that depend
+    only on the context); output ``(i, p)`` sees hidden units of degree ``< degrees[i]``.
+    The context (degree 0) feeds every hidden unit of the first layer. With
+    ``residual=True`` hidden layers are masked residual blocks (Nash & Durkan 2019,
+    as in nflows' ``MaskedResidualBlock``), which preserve the degrees.
+
+    Inputs may carry several feature columns per coordinate (circular coordinates are
+    fed as ``(cos, sin)``): ``input_index`` gives the coordinate of each input column.
+
+    Arguments:
+        features: ``D``, the number of coordinates.
+        params_per_feature: ``P`` outputs per coordinate (the output multiplier).
+        hidden_features: hidden widths (equal widths with ``residual``).
+        context_features: context width ``C`` or ``None``.
+        order: see :func:`autoregressive_order` (saved as the buffer ``degrees``).
+        input_index: ``(n_in,)`` coordinate (0..D-1) of each input column; default
+            ``0..D-1``.
+        residual: residual masked blocks.
+        activation: activation class (default ``nn.ReLU``).
+        zero_init: zero the output layer (identity flows at initialisation).
+        generator: random generator for ``order="random"``.
+
+    Shapes:
+        ``forward(x (batch, n_in), context (batch, C)) -> (batch, D, P)``.
+
+    Raises:
+        ValueError: non-positive widths, unequal widths with ``residual``, bad order.
+    """
+
+    def __init__(self, features: int, params_per_feature: int,
+                 hidden_features: Sequence[int] | int = (64, 64),
+                 context_features: int | None = None,
+                 order: str | Sequence[int] | Tensor = "sequential",
+                 input_index: Tensor | None = None, residual: bool = False,
+                 activation: type[nn.Module] = nn.ReLU, zero_init: bool = True,
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if isinstance(hidden_features, int):
+            hidden_features = (hidden_features, hidden_features)
+        hidden = tuple(int(h) for h in hidden_features)
+        if features < 1 or params_per_feature < 1 or not hidden or min(hidden) < 1:
+            raise ValueError(f"MADE widths must be positive: features={features}, "
+                             f"P={params_per_feature}, hidden={hidden}")
+        if residual and len(set(hidden)) != 1:
+            raise ValueError(f"a residual MADE needs equal hidden widths, got {hidden}")
+        D, P = int(features), int(params_per_feature)
+        self.features, self.params_per_feature = D, P
+        self.context_features = context_features
+        degrees = autoregressive_order(order, D, generator)
+        self.register_buffer("degrees", degrees)
+        in_deg = degrees if input_index is None else degrees[torch.as_tensor(input_index)]
+        self.in_features = in_deg.numel()
+
+        def hidden_degrees(H: int) -> Tensor:
+            if D == 1:
+                return torch.zeros(H, dtype=torch.long)
+            return torch.arange(H) % (D - 1) + 1
+
+        h_deg = hidden_degrees(hidden[0])
+        self.first = MaskedLinear(self.in_features, hidden[0], (h_deg[:, None] >= in_deg[None, :]).float())
+        self.context_layer = (nn.Linear(context_features, hidden[0], bias=False)
+                              if context_features else None)
+        blocks: list[nn.Module] = []
+        act = activation
+        if residual:
+            m = (h_deg[:, None] >= h_deg[None, :]).float()
+            blocks = [_MaskedResidualBlock(m, act) for _ in range(len(hidden) - 1)]
+        else:
+            for a, b in zip(hidden[:-1], hidden[1:]):
+                d_in, d_out = hidden_degrees(a), hidden_degrees(b)
+                blocks.append(MaskedLinear(a, b, (d_out[:, None] >= d_in[None, :]).float()))
+                blocks.append(act())
+            h_deg = hidden_degrees(hidden[-1])
+        self.act = act()
+        self.body = nn.Sequential(*blocks)
+        out_deg = degrees.repeat_interleave(P)  # output row i*P + p belongs to coordinate i
+        self.head = MaskedLinear(hidden[-1], D * P, (out_deg[:, None] > h_deg[None, :]).float())
+        if zero_init:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def hidden(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The last hidden layer, ``(batch, H)``."""
+        h = self.first(x)
+        if self.context_layer is not None and context is not None:
+            h = h + self.context_layer(context)
+        return self.body(self.act(h))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``(batch, n_in)`` -> ``(batch, D, P)``."""
+        h = self.hidden(x, context)
+        return self.head(h).view(x.shape[0], self.features, self.params_per_feature)
+
+    def forward_feature(self, h: Tensor, i: int) -> Tensor:
+        """Parameters of coordinate ``i`` only from the hidden layer ``h``: ``(batch, P)``.
+
+        One ``P``-row slice of the output layer: the sequential inverse of an
+        autoregressive layer needs just one coordinate's parameters per pass.
+        """
+        P = self.params_per_feature
+        rows = slice(i * P, (i + 1) * P)
+        return F.linear(h, self.head.weight[rows] * self.head.mask[rows], self.head.bias[rows])
