@@ -8,14 +8,14 @@ from .distributions import (CircularUniform, ClassConditionalDiagGaussian, Condi
                             DiagGaussian, Product, Uniform, VonMises)
 from .flows import Flow, FlowDistribution
 from .transforms import (ActNorm, Additive, Affine, BatchNorm, Chain, CircularShift, Coupling,
-                         Inverse, LULinear, MaskedAutoregressive, Permutation, Planar, Radial,
+                         Inverse, LULinear, MaskedAutoregressive, Permutation, Planar, Radial, Sylvester,
                          RQSpline, Transform, circle, interval, real)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Flow", "FlowDistribution", "Transform", "Chain", "Inverse", "Coupling",
-    "MaskedAutoregressive", "Permutation", "LULinear", "ActNorm", "BatchNorm", "Planar", "Radial",
+    "MaskedAutoregressive", "Permutation", "LULinear", "ActNorm", "BatchNorm", "Planar", "Radial", "Sylvester",
     "CircularShift", "Affine", "Additive", "RQSpline", "real", "interval", "circle",
     "DiagGaussian", "Uniform", "VonMises", "CircularUniform", "Product",
     "ConditionalDiagGaussian", "ClassConditionalDiagGaussian",

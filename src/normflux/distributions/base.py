@@ -139,6 +139,11 @@ class CircularUniform(Uniform):
         self._check(z, context)
         return (-math.log(2 * math.pi) * z.shape[-1]) * torch.ones_like(z[..., 0])
 
+    def sample(self, n, context=None):
+        self._check(None, context, n)
+        u = torch.rand(n, *self.event_shape, dtype=self.low.dtype, device=self.low.device)
+        return (2 * u - 1) * math.pi  # exact pi in every dtype (the buffers are rounded)
+
 
 class VonMises(BaseDistribution):
     """Independent von Mises distributions on ``[-pi, pi)^D``.

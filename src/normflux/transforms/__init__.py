@@ -6,7 +6,7 @@ from .coupling import Coupling, make_mask
 from .domains import Domain, DomainSpec, as_domains, circle, interval, real
 from .linear import LULinear
 from .normalization import ActNorm, BatchNorm
-from .planar import Planar, Radial
+from .planar import Planar, Radial, Sylvester
 from .permutations import CircularShift, Permutation
 from .splines import rational_quadratic_spline, spline_knots
 
@@ -14,7 +14,7 @@ __all__ = [
     "Transform", "Chain", "Inverse", "check_context",
     "Bijection", "Affine", "Additive", "RQSpline",
     "Coupling", "make_mask", "MaskedAutoregressive", "LULinear", "ActNorm", "BatchNorm",
-    "Planar", "Radial", "Permutation", "CircularShift",
+    "Planar", "Radial", "Sylvester", "Permutation", "CircularShift",
     "Domain", "DomainSpec", "as_domains", "real", "interval", "circle",
     "rational_quadratic_spline", "spline_knots",
 ]

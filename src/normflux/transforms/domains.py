@@ -15,6 +15,8 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from .._constants import ConstantsMixin
+
 __all__ = ["Domain", "real", "interval", "circle", "DomainSpec", "as_domains"]
 
 REAL, INTERVAL, CIRCLE = 0, 1, 2
@@ -99,7 +101,7 @@ def as_domains(domains: DomainLike | Sequence[DomainLike] | None, features: int)
     return domains
 
 
-class DomainSpec(nn.Module):
+class DomainSpec(ConstantsMixin):
     """Per-coordinate domain tensors for ``n`` coordinates (buffers: they follow ``.to()``).
 
     Buffers:
@@ -120,21 +122,17 @@ class DomainSpec(nn.Module):
         high = [(B if d.kind == "real" else d.high) for d in self.domains]
         self.register_buffer("kind", torch.tensor([d.code for d in self.domains], dtype=torch.long),
                              persistent=False)
-        self.register_buffer("low", torch.tensor(low, dtype=torch.get_default_dtype()),
-                             persistent=False)
-        self.register_buffer("high", torch.tensor(high, dtype=torch.get_default_dtype()),
-                             persistent=False)
+        self.register_constant("low", low)
+        self.register_constant("high", high)
         self.any_circular = any(d.kind == "circle" for d in self.domains)
         self.all_real = all(d.kind == "real" for d in self.domains)
         circ = [i for i, d in enumerate(self.domains) if d.kind == "circle"]
         other = [i for i, d in enumerate(self.domains) if d.kind != "circle"]
         self.register_buffer("circ_idx", torch.tensor(circ, dtype=torch.long), persistent=False)
         self.register_buffer("other_idx", torch.tensor(other, dtype=torch.long), persistent=False)
-        self.register_buffer("circ_low", torch.tensor([self.domains[i].low for i in circ]),
-                             persistent=False)
-        self.register_buffer("circ_scale", torch.tensor(
-            [2 * math.pi / (self.domains[i].high - self.domains[i].low) for i in circ]),
-            persistent=False)
+        self.register_constant("circ_low", [self.domains[i].low for i in circ])
+        self.register_constant("circ_scale", [2 * math.pi / (self.domains[i].high - self.domains[i].low)
+                                              for i in circ])
 
     def __len__(self) -> int:
         return len(self.domains)

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .._constants import ConstantsMixin
 from .base import Transform
 from .domains import DomainLike, DomainSpec, as_domains
 
@@ -59,7 +60,7 @@ class Permutation(Transform):
         return f"perm={self.perm.tolist()}"
 
 
-class CircularShift(Transform):
+class CircularShift(ConstantsMixin, Transform):
     """Rotate circular coordinates by a fixed angle: ``z = wrap(x + shift)``, ``ladj = 0``.
 
     Circular splines fix the point ``-pi``; a shift between layers moves it (the
@@ -80,8 +81,8 @@ class CircularShift(Transform):
         if not self.spec.any_circular:
             raise ValueError("CircularShift needs at least one circular coordinate")
         self.shift = float(shift)
-        self.register_buffer("offset", torch.where(self.spec.kind == 2, self.shift, 0.0),
-                             persistent=False)
+        self.register_constant("offset", [self.shift if d.kind == "circle" else 0.0
+                                          for d in self.spec.domains])
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x, context)
