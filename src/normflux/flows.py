@@ -63,8 +63,8 @@ class Flow(nn.Module):
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         ev = self.event_shape
-        if x.dim() < len(ev) + 1 or tuple(x.shape[x.dim() - len(ev):]) != ev:
-            raise ValueError(f"x must have shape (batch, {', '.join(map(str, ev))}), "
+        if x.dim() < len(ev) or tuple(x.shape[x.dim() - len(ev):]) != ev:
+            raise ValueError(f"x must have shape (*batch, {', '.join(map(str, ev))}), "
                              f"got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
@@ -238,7 +238,7 @@ class FlowDistribution(Distribution):
         n = math.prod(sample_shape)
         x, lp = self.flow.sample_and_log_prob(n, self.context)
         return (x.reshape(*sample_shape, *self.batch_shape, *self.event_shape),
-                lp.reshape(*sample_shape, *self.batch_shape))
+                lp.reshape(tuple(sample_shape) + tuple(self.batch_shape)))  # () is valid
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         return self._draw(torch.Size(sample_shape))[0]
@@ -251,4 +251,7 @@ class FlowDistribution(Distribution):
         return self._draw(torch.Size(sample_shape))
 
     def log_prob(self, value: Tensor) -> Tensor:
+        if isinstance(value, Tensor) and value.dim() == len(self.event_shape):
+            # one event without batch dimensions (what sample() returns): a scalar
+            return self.flow.log_prob(value[None], self.context)[0]
         return self.flow.log_prob(value, self.context)

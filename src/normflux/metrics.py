@@ -22,6 +22,7 @@ def effective_sample_size(log_w: Tensor) -> Tensor:
     Computed in log space (Kish 1965; Owen 2013, eq. 9.13). ``log_w``: ``(n,)``.
     """
     n = log_w.shape[0]
+    log_w = log_w - log_w.max()  # shift first: exact for large |log w|
     return torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0) - math.log(n))
 
 

@@ -35,8 +35,8 @@ def _knots(fractions: Tensor, low: Tensor, high: Tensor) -> Tensor:
     K = fractions.shape[-1]
     cum = torch.split(torch.cumsum(fractions, dim=-1), [K - 1, 1], dim=-1)[0]
     inner = low[..., None] + (high - low)[..., None] * cum
-    return torch.cat([low[..., None].expand_as(cum[..., :1]), inner,
-                      high[..., None].expand_as(cum[..., :1])], dim=-1)
+    one = fractions[..., :1]  # not cum[..., :1]: cum is empty for a single bin (K = 1)
+    return torch.cat([low[..., None].expand_as(one), inner, high[..., None].expand_as(one)], dim=-1)
 
 
 def spline_knots(params: Tensor, low: Tensor, high: Tensor, kind: Tensor | None = None, *,
@@ -85,7 +85,7 @@ def spline_knots(params: Tensor, low: Tensor, high: Tensor, kind: Tensor | None 
     # (ud + shift) is a fresh contiguous tensor: softplus on a strided view is ~15x slower
     slopes = min_derivative + F.softplus(ud + shift)
     if not full:
-        one = torch.ones_like(slopes[..., :1])
+        one = torch.ones_like(params[..., :1])  # slopes is empty for a single bin
         dk = torch.cat([one, slopes, one], dim=-1)
     else:
         one = torch.ones_like(slopes[..., :1])
