@@ -160,8 +160,14 @@ class Flow(nn.Module):
         x, ladj = self.transform.inverse(z, ctx)
         return x.reshape(*batch, *self.event_shape), (log_q - ladj).reshape(batch)
 
+    @torch.no_grad()
     def sample(self, n: int, context: Tensor | None = None) -> Tensor:
-        """Draw ``n`` samples (shapes as in :meth:`sample_and_log_prob`)."""
+        """Draw ``n`` samples (shapes as in :meth:`sample_and_log_prob`), without gradients.
+
+        Like ``torch.distributions``' ``sample``, this runs under ``torch.no_grad()``; for
+        reparameterized samples use :meth:`sample_and_log_prob` or
+        ``flow.distribution(context).rsample(...)``.
+        """
         n = int(n)
         batch: tuple[int, ...] = (n,)
         if context is not None and isinstance(context, Tensor) and context.dim() >= 2:

@@ -158,24 +158,56 @@ class MADE(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def hidden(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """The last hidden layer, ``(batch, H)``."""
-        h = self.first(x)
+    def hidden(self, x: Tensor, context: Tensor | None = None,
+               weights: list[Tensor] | None = None) -> Tensor:
+        """The last hidden layer, ``(batch, H)``.
+
+        ``weights`` (from :meth:`masked_weights`) reuses masked weight matrices across
+        the sequential passes of an autoregressive inverse instead of re-masking.
+        """
+        if weights is None:
+            h = self.first(x)
+            if self.context_layer is not None and context is not None:
+                h = h + self.context_layer(context)
+            return self.body(self.act(h))
+        it = iter(weights)
+        h = F.linear(x, next(it), self.first.bias)
         if self.context_layer is not None and context is not None:
             h = h + self.context_layer(context)
-        return self.body(self.act(h))
+        h = self.act(h)
+        for m in self.body:
+            if isinstance(m, MaskedLinear):
+                h = F.linear(h, next(it), m.bias)
+            elif isinstance(m, _MaskedResidualBlock):
+                w1, w2 = next(it), next(it)
+                h = m.act(h + F.linear(m.act(F.linear(h, w1, m.l1.bias)), w2, m.l2.bias))
+            else:
+                h = m(h)
+        return h
+
+    def masked_weights(self) -> list[Tensor]:
+        """The masked weight matrices ``W * M`` of the hidden layers, in order of use."""
+        out = [self.first.weight * self.first.mask]
+        for m in self.body:
+            if isinstance(m, MaskedLinear):
+                out.append(m.weight * m.mask)
+            elif isinstance(m, _MaskedResidualBlock):
+                out += [m.l1.weight * m.l1.mask, m.l2.weight * m.l2.mask]
+        return out
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``(batch, n_in)`` -> ``(batch, D, P)``."""
         h = self.hidden(x, context)
         return self.head(h).view(x.shape[0], self.features, self.params_per_feature)
 
-    def forward_feature(self, h: Tensor, i: int) -> Tensor:
+    def forward_feature(self, h: Tensor, i: int, head_weight: Tensor | None = None) -> Tensor:
         """Parameters of coordinate ``i`` only from the hidden layer ``h``: ``(batch, P)``.
 
         One ``P``-row slice of the output layer: the sequential inverse of an
         autoregressive layer needs just one coordinate's parameters per pass.
+        ``head_weight`` is the pre-masked output weight (``head.weight * head.mask``).
         """
         P = self.params_per_feature
         rows = slice(i * P, (i + 1) * P)
-        return F.linear(h, self.head.weight[rows] * self.head.mask[rows], self.head.bias[rows])
+        w = (self.head.weight[rows] * self.head.mask[rows]) if head_weight is None else head_weight[rows]
+        return F.linear(h, w, self.head.bias[rows])

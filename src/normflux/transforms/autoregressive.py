@@ -102,9 +102,11 @@ class MaskedAutoregressive(Transform):
         x = torch.zeros_like(z)
         ladj = z.new_zeros(z.shape[0])
         cols = torch.arange(self.features, device=z.device)
+        weights = self.made.masked_weights()  # mask once, reuse in all D passes
+        head = self.made.head.weight * self.made.head.mask
         for i in self._order:
-            h = self.made.hidden(self._made_input(x), context)
-            p = self.made.forward_feature(h, i)
+            h = self.made.hidden(self._made_input(x), context, weights)
+            p = self.made.forward_feature(h, i, head)
             xi, li = self.bijection.inverse(z[:, i:i + 1], p[:, None, :], self.specs[i])
             x = torch.where(cols == i, xi, x)
             ladj = ladj + li[:, 0]
