@@ -1,0 +1,324 @@
+"""Training loops: maximum likelihood on data and reverse KL to an unnormalised target.
+
+Both loops use Adam (Kingma & Ba 2015) with a cosine learning-rate schedule
+(Loshchilov & Hutter 2017, SGDR without restarts), gradient-norm clipping, a ``tqdm``
+progress bar on stderr, and raise :class:`DivergenceError` as soon as a loss or a
+gradient is NaN/Inf instead of training on it. They are reproducible: the same ``seed``
+and the same initial weights give the same final weights (on the same machine and
+torch build). Torch's global random state is left untouched (the loops run inside
+``torch.random.fork_rng``).
+
+Performance note: the default models are small; on a CPU shared with other work,
+``torch.set_num_threads(1)`` was measured 2-25x faster than two threads (the ``normflux``
+command uses one thread unless ``--threads`` says otherwise).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+__all__ = ["DivergenceError", "fit_to_data", "fit_to_target", "evaluate_nll", "make_optimizer"]
+
+
+class DivergenceError(RuntimeError):
+    """Training produced a non-finite loss or gradient (the message says where and what).
+
+    Attributes:
+        epoch: the epoch (1-based) or ``None`` for :func:`fit_to_target`.
+        step: the optimizer step (1-based, counted over the whole run).
+        value: the offending loss (or gradient norm) as a float.
+    """
+
+    def __init__(self, message: str, *, epoch: int | None = None, step: int | None = None,
+                 value: float | None = None):
+        super().__init__(message)
+        self.epoch, self.step, self.value = epoch, step, value
+
+
+def make_optimizer(flow: nn.Module, lr: float, total_steps: int, weight_decay: float = 0.0):
+    """Adam with a cosine schedule from ``lr`` to 0 over ``total_steps`` scheduler steps.
+
+    Returns:
+        ``(optimizer, scheduler)``; call ``scheduler.step()`` after each optimizer step.
+
+    Raises:
+        ValueError: ``lr <= 0`` or ``total_steps < 1``.
+    """
+    if not lr > 0:
+        raise ValueError(f"lr must be positive, got {lr}")
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    opt = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    return opt, sched
+
+
+def _param_info(flow: nn.Module) -> tuple[torch.dtype, torch.device]:
+    for p in flow.parameters():
+        return p.dtype, p.device
+    for b in flow.buffers():
+        if b.is_floating_point():
+            return b.dtype, b.device
+    return torch.get_default_dtype(), torch.device("cpu")
+
+
+def _step(flow: nn.Module, loss: Tensor, opt, sched, clip: float | None, *, where: str,
+          epoch: int | None, step: int) -> float:
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise DivergenceError(f"training diverged at {where}: loss is {value} (not finite); "
+                              "lower the learning rate, clip gradients or check the data",
+                              epoch=epoch, step=step, value=value)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in flow.parameters() if p.grad is not None]
+    if clip is not None and params:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+    else:
+        norm = float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad) for p in params]))) if params else 0.0
+    if not math.isfinite(norm):
+        raise DivergenceError(f"training diverged at {where}: gradient norm is {norm} "
+                              f"(loss {value:.6g}); lower the learning rate or check the data",
+                              epoch=epoch, step=step, value=norm)
+    opt.step()
+    sched.step()
+    return value
+
+
+@torch.no_grad()
+def evaluate_nll(flow: nn.Module, data: Tensor, context: Tensor | None = None,
+                 batch_size: int = 4096) -> float:
+    """Mean negative log-likelihood ``-mean log p(x | c)`` in nats per example.
+
+    Arguments:
+        flow: a :class:`~normflux.flows.Flow`.
+        data: ``(N, *event_shape)``; context: ``(N, C)`` or ``None``.
+        batch_size: evaluation chunk size (memory only; the result does not depend on it).
+
+    Returns:
+        a float (``inf`` if some point has zero density).
+    """
+    dtype, device = _param_info(flow)
+    was = flow.training
+    flow.eval()
+    try:
+        total = 0.0
+        for i in range(0, data.shape[0], batch_size):
+            xb = data[i:i + batch_size].to(device=device, dtype=dtype)
+            cb = None if context is None else context[i:i + batch_size].to(device=device, dtype=dtype)
+            total += float(flow.log_prob(xb, cb).double().sum())
+    finally:
+        flow.train(was)
+    return -total / data.shape[0]
+
+
+def fit_to_data(flow: nn.Module, data: Tensor, context: Tensor | None = None, *,
+                epochs: int = 100, batch_size: int = 256, lr: float = 1e-3,
+                val_fraction: float = 0.1, val_data: Tensor | None = None,
+                val_context: Tensor | None = None, patience: int | None = 20, seed: int = 0,
+                clip: float | None = 5.0, weight_decay: float = 0.0,
+                dequantize: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+                progress: bool = True, callback: Callable[[int, dict], None] | None = None) -> dict:
+    """Maximum-likelihood training (forward KL; Papamakarios et al. 2021, eq. 13).
+
+    Minimises ``flow.forward_kld(x, c)`` (the mean NLL) with Adam and a cosine schedule
+    over ``epochs`` epochs, holding out a validation set for early stopping: training
+    stops after ``patience`` epochs without a new best validation NLL, and the weights of
+    the best epoch are restored at the end (also when no early stop happened).
+
+    Arguments:
+        flow: a :class:`~normflux.flows.Flow` (trained in place).
+        data: ``(N, *event_shape)`` training data (any float/int dtype; converted to the
+            flow's dtype and device batch by batch).
+        context: ``(N, C)`` contexts for a conditional flow, or ``None``.
+        epochs: maximum number of epochs (>= 1).
+        batch_size: mini-batch size; the last, smaller batch of an epoch is kept.
+        lr: peak learning rate.
+        val_fraction: fraction of ``data`` held out for validation when ``val_data`` is
+            not given (a seeded random split); 0 disables validation and early stopping
+            (the final weights are kept).
+        val_data, val_context: an explicit validation set instead of the split.
+        patience: epochs without improvement before stopping (``None``: never stop early).
+        seed: seeds the split, the batch order, the dequantisation noise and torch's
+            global generator inside the loop.
+        clip: maximum gradient norm (``None``: no clipping).
+        weight_decay: Adam's L2 penalty.
+        dequantize: ``dequantize(x, generator) -> x'``, applied to the training data
+            afresh each epoch (uniform dequantisation of integer data, e.g.
+            :func:`normflux.data.digits.dequantize`) and once, with fixed noise, to the
+            validation data.
+        progress: show a tqdm progress bar on stderr.
+        callback: ``callback(epoch, history)`` after every epoch.
+
+    Returns:
+        ``history``: a dict with ``train_loss`` and ``val_loss`` (per epoch, nats per
+        example), ``lr`` (per epoch), ``best_epoch`` (1-based), ``best_val_loss``,
+        ``epochs`` (run), ``steps``, ``stopped_early`` and ``seconds``.
+
+    Raises:
+        DivergenceError: a non-finite training loss, gradient norm or validation loss
+            (the message names the epoch, the step and the value).
+        ValueError: bad shapes or settings (e.g. fewer than 2 points).
+    """
+    t0 = time.perf_counter()
+    if not isinstance(data, Tensor):
+        data = torch.as_tensor(data)
+    if context is not None and not isinstance(context, Tensor):
+        context = torch.as_tensor(context)
+    N = data.shape[0]
+    if context is not None and context.shape[0] != N:
+        raise ValueError(f"data has {N} rows but context has {context.shape[0]}")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    dtype, device = _param_info(flow)
+    gen = torch.Generator().manual_seed(int(seed))
+    if val_data is not None:
+        train_x, train_c = data, context
+        val_x = val_data if isinstance(val_data, Tensor) else torch.as_tensor(val_data)
+        val_c = val_context
+    else:
+        n_val = int(round(val_fraction * N))
+        if val_fraction > 0:
+            n_val = max(n_val, 1)
+        if N - n_val < 1:
+            raise ValueError(f"{N} data points are too few for a validation split of "
+                             f"{val_fraction:g}")
+        perm = torch.randperm(N, generator=gen)
+        val_idx, tr_idx = perm[:n_val], perm[n_val:]
+        train_x, val_x = data[tr_idx], (data[val_idx] if n_val else None)
+        train_c = None if context is None else context[tr_idx]
+        val_c = None if context is None or not n_val else context[val_idx]
+    if val_x is not None and dequantize is not None:
+        val_x = dequantize(val_x, gen)
+    n_train = train_x.shape[0]
+    steps_per_epoch = math.ceil(n_train / batch_size)
+    opt, sched = make_optimizer(flow, lr, epochs * steps_per_epoch, weight_decay)
+    history: dict = {"train_loss": [], "val_loss": [], "lr": [], "best_epoch": None,
+                     "best_val_loss": None, "epochs": 0, "steps": 0, "stopped_early": False}
+    best_state = None
+    best = math.inf
+    bad_epochs = 0
+    step = 0
+    was = flow.training
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        bar = tqdm(total=epochs, disable=not progress, desc="fit", unit="epoch", leave=False,
+                   dynamic_ncols=True)
+        try:
+            for epoch in range(1, epochs + 1):
+                flow.train()
+                xs = dequantize(train_x, gen) if dequantize is not None else train_x
+                order = torch.randperm(n_train, generator=gen)
+                total, count = 0.0, 0
+                history["lr"].append(opt.param_groups[0]["lr"])
+                for i in range(0, n_train, batch_size):
+                    idx = order[i:i + batch_size]
+                    xb = xs[idx].to(device=device, dtype=dtype)
+                    cb = None if train_c is None else train_c[idx].to(device=device, dtype=dtype)
+                    step += 1
+                    loss = flow.forward_kld(xb, cb)
+                    value = _step(flow, loss, opt, sched, clip, where=f"epoch {epoch}, step {step}",
+                                  epoch=epoch, step=step)
+                    total += value * xb.shape[0]
+                    count += xb.shape[0]
+                train_loss = total / count
+                history["train_loss"].append(train_loss)
+                if val_x is not None:
+                    val_loss = evaluate_nll(flow, val_x, val_c)
+                    if not math.isfinite(val_loss):
+                        raise DivergenceError(
+                            f"training diverged at epoch {epoch}, step {step}: validation loss "
+                            f"is {val_loss} (train loss {train_loss:.6g})",
+                            epoch=epoch, step=step, value=val_loss)
+                    history["val_loss"].append(val_loss)
+                    if val_loss < best:
+                        best, bad_epochs = val_loss, 0
+                        best_state = copy.deepcopy(flow.state_dict())
+                        history["best_epoch"], history["best_val_loss"] = epoch, val_loss
+                    else:
+                        bad_epochs += 1
+                history["epochs"], history["steps"] = epoch, step
+                bar.update(1)
+                bar.set_postfix(train=f"{train_loss:.4g}", val=f"{history['val_loss'][-1]:.4g}"
+                                if history["val_loss"] else "-", best=f"{best:.4g}")
+                if callback is not None:
+                    callback(epoch, history)
+                if patience is not None and val_x is not None and bad_epochs >= patience:
+                    history["stopped_early"] = True
+                    break
+        finally:
+            bar.close()
+            flow.train(was)
+    if best_state is not None:
+        flow.load_state_dict(best_state)
+    history["seconds"] = time.perf_counter() - t0
+    return history
+
+
+def fit_to_target(flow: nn.Module, target, *, steps: int = 1000, batch_size: int = 256,
+                  lr: float = 1e-3, seed: int = 0, clip: float | None = 5.0,
+                  progress: bool = True, callback: Callable[[int, float], None] | None = None
+                  ) -> dict:
+    """Variational fit by reverse KL to an unnormalised target (Papamakarios et al. 2021,
+    eq. 17; Rezende & Mohamed 2015).
+
+    Each step minimises ``flow.reverse_kld(target, batch_size)``, the Monte Carlo estimate
+    of ``E_q[log q(x) - log p~(x)] = KL(q || p) - log Z`` with reparameterised samples.
+
+    Arguments:
+        flow: a :class:`~normflux.flows.Flow` (trained in place).
+        target: an object with ``log_prob(x) -> (batch,)`` (e.g. :mod:`normflux.targets`).
+        steps: number of optimizer steps (>= 1).
+        batch_size: samples per step.
+        lr: peak learning rate (cosine schedule to 0 over ``steps``).
+        seed: seeds torch's global generator inside the loop (the base samples).
+        clip: maximum gradient norm (``None``: no clipping).
+        progress: show a tqdm progress bar on stderr.
+        callback: ``callback(step, loss)`` after every step.
+
+    Returns:
+        ``history``: ``loss`` (per step, nats; the last entries approach ``-log Z``),
+        ``steps`` and ``seconds``.
+
+    Raises:
+        DivergenceError: a non-finite loss or gradient norm (names the step and value).
+        ValueError: ``steps`` or ``batch_size`` < 1.
+    """
+    t0 = time.perf_counter()
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    _, device = _param_info(flow)
+    opt, sched = make_optimizer(flow, lr, steps)
+    history: dict = {"loss": [], "steps": 0}
+    was = flow.training
+    flow.train()
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(int(seed))
+        bar = tqdm(range(1, steps + 1), disable=not progress, desc="fit", unit="step",
+                   leave=False, dynamic_ncols=True, mininterval=0.5)
+        try:
+            for step in bar:
+                loss = flow.reverse_kld(target, batch_size)
+                value = _step(flow, loss, opt, sched, clip, where=f"step {step}", epoch=None,
+                              step=step)
+                history["loss"].append(value)
+                history["steps"] = step
+                if step % 10 == 0 or step == steps:
+                    bar.set_postfix(loss=f"{value:.4g}")
+                if callback is not None:
+                    callback(step, value)
+        finally:
+            bar.close()
+            flow.train(was)
+    history["seconds"] = time.perf_counter() - t0
+    return history

@@ -1,0 +1,141 @@
+"""Tests of the speed suite ``benchmarks/suite.py`` (issue 4).
+
+Fast: the normflux builders produce the documented architectures, with the parameter
+counts of the peers' (identical) architectures and of the bare networks. Slow: a smoke
+run of ``suite.py --quick --only B4`` whose JSON lines parse.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SUITE = ROOT / "benchmarks" / "suite.py"
+
+
+def _load_suite():
+    spec = importlib.util.spec_from_file_location("normflux_bench_suite", SUITE)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+suite = _load_suite()
+import normflux  # noqa: E402
+from normflux.nets import MADE  # noqa: E402
+
+
+def _linears(module):
+    return [(m.in_features, m.out_features) for m in module.modules()
+            if isinstance(m, torch.nn.Linear)]
+
+
+def test_documented_parameter_counts():
+    # the formula in EXPECTED_PARAMS, spelled out
+    assert suite.EXPECTED_PARAMS == {"B1": 331200, "B2": 114080, "B3": 330800, "B4": 70688}
+    assert set(suite.BENCHMARKS) >= {"B1", "B2", "B3", "B4"}
+
+
+@pytest.mark.parametrize("bid", ["B1", "B2", "B3", "B4"])
+def test_normflux_builder_architecture(bid):
+    bench = suite.BENCHMARKS[bid]
+    h = bench.normflux(**bench.arch)
+    flow = h.module
+    assert isinstance(flow, normflux.Flow)
+    assert suite.num_params(flow) == suite.EXPECTED_PARAMS[bid]
+    layers = list(flow.transform)
+    a = bench.arch
+    D, H = a["features"], tuple(a["hidden"])
+    if bid in ("B1", "B4"):  # couplings, alternating masks
+        assert len(layers) == a["layers"]
+        assert all(isinstance(t, normflux.Coupling) for t in layers)
+        for i, t in enumerate(layers):
+            odd = torch.arange(D) % 2 == 1
+            assert torch.equal(t.mask, ~odd if i % 2 else odd)
+            n_b = int(t.mask.sum())
+            if bid == "B1":
+                assert isinstance(t.bijection, normflux.RQSpline)
+                assert (t.bijection.bins, t.bijection.tail_bound) == (8, 3.0)
+                P = 3 * 8 - 1
+            else:
+                assert isinstance(t.bijection, normflux.Affine)
+                P = 2
+            assert _linears(t.conditioner) == [(D - n_b, H[0]), (H[0], H[1]), (H[1], n_b * P)]
+    else:  # MAF / autoregressive spline: AR, reverse perm, AR, ...
+        assert len(layers) == 2 * a["layers"] - 1
+        ar, perms = layers[0::2], layers[1::2]
+        assert all(isinstance(t, normflux.MaskedAutoregressive) for t in ar)
+        assert all(isinstance(p, normflux.Permutation) for p in perms)
+        for p in perms:
+            assert p.perm.tolist() == list(range(D - 1, -1, -1))
+        P = 2 if bid == "B2" else 23
+        for t in ar:
+            assert isinstance(t.bijection, normflux.Affine if bid == "B2" else normflux.RQSpline)
+            assert isinstance(t.made, MADE)
+            assert _linears(t.made) == [(D, H[0]), (H[0], H[1]), (H[1], D * P)]
+    # the bare networks have the same parameters as the conditioners
+    nets = torch.nn.ModuleList(bench.bare.nets())
+    assert suite.num_params(nets) == suite.EXPECTED_PARAMS[bid]
+
+
+@pytest.mark.parametrize("bid", ["B1", "B2", "B3", "B4"])
+def test_perturbed_model_runs_and_is_not_identity(bid):
+    bench = suite.BENCHMARKS[bid]
+    h = suite.build_handle(bench, "normflux")
+    x = torch.randn(64, bench.arch["features"], generator=torch.Generator().manual_seed(0))
+    lp = h.log_prob(x)
+    assert lp.shape == (64,) and torch.isfinite(lp).all()
+    base = h.module.base.log_prob(x)
+    assert (lp - base).abs().max() > 1e-3  # perturbed: the flow is not the identity
+    with torch.no_grad():
+        s = h.sample(32)
+    assert s.shape == (32, bench.arch["features"]) and torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("lib", ["normflows", "nflows", "zuko"])
+@pytest.mark.parametrize("bid", ["B1", "B2", "B3", "B4"])
+def test_peer_parameter_counts_equal_ours(lib, bid):
+    pytest.importorskip(lib)
+    bench = suite.BENCHMARKS[bid]
+    h = suite.build_handle(bench, lib)
+    assert suite.num_params(h.module) == suite.EXPECTED_PARAMS[bid]
+    x = torch.randn(8, bench.arch["features"])
+    assert torch.isfinite(h.log_prob(x)).all()
+
+
+def test_results_sections_are_replaced(tmp_path):
+    path = tmp_path / "results.md"
+    suite.write_results(path, "eager B1", "BODY-ONE")
+    suite.write_results(path, "compile B1", "c")
+    suite.write_results(path, "eager B1", "BODY-TWO")
+    text = path.read_text()
+    assert "BODY-TWO" in text and "BODY-ONE" not in text and text.count("<!-- run:") == 2
+    assert text.index("run:eager B1") < text.index("run:compile B1")
+
+
+@pytest.mark.slow
+def test_quick_b4_smoke():
+    for lib in ("normflows", "nflows", "zuko"):
+        pytest.importorskip(lib)
+    proc = subprocess.run([sys.executable, str(SUITE), "--quick", "--only", "B4", "--no-write"],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [r["figure"] for r in records] == ["B4-train"]
+    r = records[0]
+    for name in ("normflux", "normflows", "nflows", "zuko", "bare"):
+        assert r["cpu_ms"][name] > 0 and r["wall_ms"][name] > 0
+        assert r["params"][name] == suite.EXPECTED_PARAMS["B4"]
+    assert set(r["ratio_cpu"]) == {"normflux/normflows", "normflux/nflows", "normflux/zuko",
+                                   "normflux/bare"}
+    assert all(r["finite"].values()) and not r["errors"]
+    assert r["threads"] == 1
+    assert "| B4-train |" in proc.stdout
