@@ -1,0 +1,50 @@
+"""The README's commands and code stay true."""
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_first_lines_are_setup_and_main_job_and_tests():
+    first = _blocks("bash")[0].strip().splitlines()
+    assert first[0].startswith("bash scripts/setup.sh && .venv/bin/normflux demo cylinder")
+    assert first[1].startswith("bash scripts/setup.sh && .venv/bin/python -m pytest")
+    assert (ROOT / "scripts" / "setup.sh").is_file()
+    # the CI script runs the README's test command
+    test_cmd = first[1].split("#")[0].strip()
+    assert test_cmd in (ROOT / ".ci" / "run").read_text()
+    # the entry point the first command calls exists
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["normflux"] == "normflux.cli:main"
+
+
+def test_setup_pins_cpu_torch_and_pyproject_keeps_a_range():
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert 'torch==2.13.0' in setup
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch>=2.2" in deps
+
+
+def test_python_example_runs():
+    """The README's Python example, with 20 steps instead of 1500."""
+    code = _blocks("python")[0].replace("range(1500)", "range(20)")
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    x = ns["x"]
+    assert x.shape == (1000, 2)
+
+
+def test_cli_commands_in_readme_are_known_subcommands():
+    out = subprocess.run([sys.executable, "-m", "normflux.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for cmd in re.findall(r"\.venv/bin/normflux (\w+)", README):
+        assert cmd in out, cmd
