@@ -114,7 +114,18 @@ def _out_dir(path: str) -> Path:
 
 # ---------------------------------------------------------------------------- demo
 def cmd_demo(args) -> int:
-    """``normflux demo cylinder``: reverse-KL fit of a circular NSF to the cylinder target."""
+    """``normflux demo cylinder``: reverse-KL fit of a circular NSF to the cylinder target.
+
+    Writes ``cylinder.pt`` and ``cylinder.png`` under ``args.out`` and prints one JSON
+    line (reverse and forward KL in nats, ESS fraction, ``log Z`` estimate, timings).
+
+    Returns:
+        0.
+
+    Raises:
+        CLIError: the output directory cannot be created.
+        DivergenceError: the fit diverged.
+    """
     import torch
 
     from . import metrics, models, plotting
@@ -175,7 +186,21 @@ def _load_data(name: str, context_columns):
 
 
 def cmd_train(args) -> int:
-    """``normflux train``: maximum likelihood on a data set or file."""
+    """``normflux train``: maximum likelihood on a data set or file.
+
+    Writes ``model.pt`` and ``samples.png`` under ``args.out`` (default
+    ``runs/<data>``) and prints one JSON line (test NLL in nats per example, bits/dim
+    where defined, training summary).
+
+    Returns:
+        0.
+
+    Raises:
+        CLIError: fewer than 2 data columns, fewer than 10 training rows, constant data
+            columns, or an output directory that cannot be created.
+        DataError: a missing or malformed data file.
+        DivergenceError: the fit diverged.
+    """
     import torch
 
     from . import models, plotting
@@ -253,7 +278,18 @@ def _load_ckpt(path: str):
 
 
 def cmd_sample(args) -> int:
-    """``normflux sample``: draw samples from a checkpoint into a .npy or .csv file."""
+    """``normflux sample``: draw samples from a checkpoint into a .npy or .csv file.
+
+    The file holds an ``(n, D)`` float64 array (``.csv``: a header ``x0,x1,...``).
+
+    Returns:
+        0.
+
+    Raises:
+        CLIError: an output name not ending in ``.npy``/``.csv``, a missing, superfluous
+            or wrong-length ``--context``, or an output directory that cannot be created.
+        CheckpointError, FileNotFoundError: the checkpoint cannot be loaded.
+    """
     import numpy as np
     import torch
 
@@ -291,7 +327,19 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    """``normflux eval``: the NLL of a checkpoint on a data set or file."""
+    """``normflux eval``: the NLL of a checkpoint on a data set or file.
+
+    Prints one JSON line with the NLL in nats per example (key ``test_nll`` whatever the
+    split) and bits/dim where the data set defines it.
+
+    Returns:
+        0.
+
+    Raises:
+        CLIError: the data's feature or context columns do not match the model.
+        CheckpointError, FileNotFoundError: the checkpoint cannot be loaded.
+        DataError: a missing or malformed data file.
+    """
     from .training import evaluate_nll
 
     flow, extra = _load_ckpt(args.checkpoint)
@@ -403,7 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``normflux`` command; returns the exit status (0 ok, 1 diverged, 2 user error)."""
+    """Run the ``normflux`` command; returns the exit status (0 ok, 1 diverged, 2 user error).
+
+    User errors (``CLIError``, ``CheckpointError``, ``ValueError``, ``OSError``) and
+    divergence are printed as one ``normflux: error: ...`` line on stderr (re-raised
+    when ``NORMFLUX_DEBUG`` is set); ``KeyboardInterrupt`` returns 130.
+
+    Arguments:
+        argv: the arguments (default ``sys.argv[1:]``).
+
+    Raises:
+        SystemExit: from ``argparse``, status 2 on a usage error and 0 after ``--help``.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     from .checkpoint import CheckpointError

@@ -32,9 +32,12 @@ class Flow(nn.Module):
 
     Raises (from every method):
         ValueError: ``x`` with the wrong event shape, dtype or NaN; a context of the wrong
-            shape, one passed to an unconditional flow, or none for a conditional one —
-            each message names what was expected and what was received. These checks run
-            before any computation (and are skipped inside ``torch.compile``).
+            shape or dtype, with NaN, one passed to an unconditional flow, or none for a
+            conditional one — each message names what was expected and what was
+            received. These checks run before any computation (the NaN checks are
+            skipped inside ``torch.compile``). At construction: ``transform``, ``base``
+            and ``context_features`` that disagree on the context width.
+        TypeError: ``x`` or ``context`` is not a :class:`torch.Tensor`.
     """
 
     def __init__(self, transform: Transform, base: BaseDistribution,
@@ -120,15 +123,35 @@ class Flow(nn.Module):
         """Log-density ``log p(x | context)`` in nats.
 
         Arguments:
-            x: ``(*batch, *event_shape)``; context: ``(*batch, C)`` or broadcastable.
+            x: ``(*batch, *event_shape)``.
+            context: ``(*batch, C)``, or any shape that broadcasts with ``x``'s batch
+                shape under torch's rules (``(C,)``, ``(1, C)``, or ``(M, C)`` for a
+                single event ``x`` of shape ``event_shape``); ``None`` for an
+                unconditional flow.
 
         Returns:
             ``(*batch,)``.
         """
-        x, batch = self._prepare_x(x)
+        x, batch = self._prepare_x(self._broadcast_x(x, context))
         context = self._prepare_context(context, batch)
         z, ladj = self.transform(x, context)
         return (self.base.log_prob(z, self._base_context(context)) + ladj).reshape(batch)
+
+    def _broadcast_x(self, x, context):
+        """Expand ``x``'s batch dimensions against the context's (torch broadcasting), so
+        that one event can be scored under many contexts; incompatible shapes are left
+        for the context check to report."""
+        if not isinstance(x, Tensor) or not isinstance(context, Tensor) or context.dim() == 0:
+            return x
+        ev = self.event_shape
+        if x.dim() < len(ev) or tuple(x.shape[x.dim() - len(ev):]) != ev:
+            return x
+        xb, cb = tuple(x.shape[:x.dim() - len(ev)]), tuple(context.shape[:-1])
+        try:
+            full = tuple(torch.broadcast_shapes(xb, cb))
+        except RuntimeError:
+            return x
+        return x.expand(*full, *ev) if full != xb else x
 
     def sample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Draw samples and their log-density in one pass (no second forward pass).
@@ -143,7 +166,11 @@ class Flow(nn.Module):
         Returns:
             ``(x, log_prob)`` with ``x`` of shape ``(n, *event_shape)`` (context ``None``
             or ``(C,)``) or ``(n, M, *event_shape)`` (context ``(M, C)``), and
-            ``log_prob`` of shape ``(n,)`` or ``(n, M)``.
+            ``log_prob`` of shape ``(n,)`` or ``(n, M)`` (nats).
+
+        Raises:
+            ValueError: ``n < 0``, or a context the flow does not accept (see the class
+                docstring).
         """
         n = int(n)
         if n < 0:
@@ -169,6 +196,8 @@ class Flow(nn.Module):
         ``flow.distribution(context).rsample(...)``.
         """
         n = int(n)
+        if n < 0:
+            raise ValueError(f"n must be non-negative, got {n}")
         batch: tuple[int, ...] = (n,)
         if context is not None and isinstance(context, Tensor) and context.dim() >= 2:
             batch = (n, *context.shape[:-1])
@@ -183,6 +212,12 @@ class Flow(nn.Module):
         """Forward KL up to the data entropy: the mean negative log-likelihood (nats).
 
         Minimising it is maximum likelihood (Papamakarios et al. 2021, eq. 13).
+
+        Arguments:
+            x, context: as in :meth:`log_prob`.
+
+        Returns:
+            a scalar tensor, ``-mean(log_prob(x, context))`` over every batch entry.
         """
         return -self.log_prob(x, context).mean()
 
@@ -195,8 +230,16 @@ class Flow(nn.Module):
         ``beta`` is an inverse temperature (annealing). Gradients flow through the
         reparameterized samples.
 
+        Arguments:
+            target: an object with ``log_prob(x)`` returning one value per sample
+                (``(n,)``, or ``(n, M)`` for a context ``(M, C)``); called as
+                ``log_prob(x, context)`` when a context is given.
+            n: number of samples.
+            beta: inverse temperature multiplying ``log p~``.
+            context: as in :meth:`sample_and_log_prob`; passed to the target too.
+
         Returns:
-            a scalar tensor.
+            a scalar tensor (nats).
         """
         x, log_q = self.sample_and_log_prob(n, context)
         if context is not None:
@@ -214,7 +257,11 @@ class Flow(nn.Module):
         return FlowDistribution(self, context)
 
     def forward(self, context: Tensor | None = None) -> "FlowDistribution":
-        """``flow(context)`` is :meth:`distribution` (conditioning by partial application)."""
+        """``flow(context)`` is :meth:`distribution` (conditioning by partial application).
+
+        ``context``: ``None``, ``(C,)`` or ``(M, C)``; returns a
+        :class:`FlowDistribution` with ``batch_shape`` ``()`` or ``(M,)``.
+        """
         return self.distribution(context)
 
 
@@ -227,6 +274,16 @@ class FlowDistribution(Distribution):
     Arguments:
         flow: the :class:`Flow`.
         context: ``None``, ``(C,)`` or ``(M, C)``; the batch shape is ``()`` or ``(M,)``.
+
+    Shapes:
+        ``sample(sample_shape)`` and ``rsample(sample_shape)``:
+        ``(*sample_shape, *batch_shape, *event_shape)``; ``log_prob(value)``: ``value``
+        of shape ``(*sample_shape, *batch_shape, *event_shape)`` gives
+        ``(*sample_shape, *batch_shape)`` (nats); with batch shape ``()``, a single
+        event ``(*event_shape,)`` gives a 0-d tensor.
+
+    Raises:
+        ValueError: as :class:`Flow` (a value or context the flow does not accept).
     """
 
     has_rsample = True
@@ -254,10 +311,15 @@ class FlowDistribution(Distribution):
             return self.rsample(sample_shape)
 
     def rsample_and_log_prob(self, sample_shape=torch.Size()) -> tuple[Tensor, Tensor]:
+        """Reparameterized samples and their log-density in one pass.
+
+        Returns:
+            ``(x, log_prob)``: ``(*sample_shape, *batch_shape, *event_shape)`` and
+            ``(*sample_shape, *batch_shape)`` (nats).
+        """
         return self._draw(torch.Size(sample_shape))
 
     def log_prob(self, value: Tensor) -> Tensor:
-        if isinstance(value, Tensor) and value.dim() == len(self.event_shape):
-            # one event without batch dimensions (what sample() returns): a scalar
-            return self.flow.log_prob(value[None], self.context)[0]
+        """``log p(value | context)``; ``value`` broadcasts against ``batch_shape``
+        (``(*sample, *batch_shape, *event_shape)`` or a single event)."""
         return self.flow.log_prob(value, self.context)

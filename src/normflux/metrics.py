@@ -12,14 +12,34 @@ __all__ = ["log_importance_weights", "effective_sample_size", "log_normalizer",
 
 
 def log_importance_weights(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``log w = log p~(x) - log q(x)`` for samples ``x ~ q``; shapes ``(n,)``."""
+    """Log importance weights ``log w = log p~(x) - log q(x)`` for samples ``x ~ q`` (nats).
+
+    Self-normalised importance sampling with proposal ``q`` (the flow) and an
+    unnormalised target ``p~`` (Owen 2013, *Monte Carlo theory, methods and examples*,
+    section 9.2).
+
+    Arguments:
+        log_p: ``(n,)`` unnormalised target log-density at the samples.
+        log_q: ``(n,)`` proposal log-density at the same samples.
+
+    Returns:
+        ``(n,)`` (any shapes that broadcast are subtracted elementwise).
+    """
     return log_p - log_q
 
 
 def effective_sample_size(log_w: Tensor) -> Tensor:
     """Kish effective sample size as a fraction of ``n``: ``(sum w)^2 / (n sum w^2)`` in (0, 1].
 
-    Computed in log space (Kish 1965; Owen 2013, eq. 9.13). ``log_w``: ``(n,)``.
+    Computed in log space after shifting by ``max log w``, so it is exact for weights far
+    outside the float range (Kish 1965, *Survey Sampling*; Owen 2013, eq. 9.13).
+
+    Arguments:
+        log_w: ``(n,)`` log importance weights (nats), ``n >= 1``; any additive
+            constant cancels.
+
+    Returns:
+        a scalar tensor in ``(0, 1]`` (1 for equal weights).
     """
     n = log_w.shape[0]
     log_w = log_w - log_w.max()  # shift first: exact for large |log w|
@@ -27,17 +47,51 @@ def effective_sample_size(log_w: Tensor) -> Tensor:
 
 
 def log_normalizer(log_w: Tensor) -> Tensor:
-    """Importance-sampling estimate of ``log Z = log mean(w)`` (biased low by Jensen)."""
+    """Importance-sampling estimate of ``log Z = log mean(w)`` in nats (biased low by Jensen).
+
+    ``Z = E_q[p~(x) / q(x)]`` is the normalising constant of the target ``p~`` (Owen
+    2013, section 9.2); ``log mean(w)`` is computed with ``logsumexp``.
+
+    Arguments:
+        log_w: ``(n,)`` log importance weights from :func:`log_importance_weights`.
+
+    Returns:
+        a scalar tensor.
+    """
     return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
 
 
 def reverse_kl(log_q: Tensor, log_p: Tensor, log_z: float = 0.0) -> Tensor:
-    """``KL(q || p) ~ mean(log q - log p~) + log Z`` from samples of ``q``; nats."""
+    """Monte Carlo ``KL(q || p) ~ mean(log q - log p~) + log Z`` from samples of ``q``; nats.
+
+    The reverse KL of variational inference (Papamakarios et al. 2021, JMLR, section
+    2.3.2); ``p = p~ / Z``.
+
+    Arguments:
+        log_q: ``(n,)`` model log-density at ``x ~ q``.
+        log_p: ``(n,)`` unnormalised target log-density at the same ``x``.
+        log_z: ``log Z`` of the target (0 for a normalised one).
+
+    Returns:
+        a scalar tensor.
+    """
     return (log_q - log_p).mean() + log_z
 
 
 def forward_kl(log_p: Tensor, log_q: Tensor, log_z: float = 0.0) -> Tensor:
-    """``KL(p || q) ~ mean(log p~ - log q) - log Z`` from exact samples of ``p``; nats."""
+    """Monte Carlo ``KL(p || q) ~ mean(log p~ - log q) - log Z`` from exact samples of ``p``; nats.
+
+    The forward KL of maximum likelihood (Papamakarios et al. 2021, JMLR, section
+    2.3.1); ``p = p~ / Z``.
+
+    Arguments:
+        log_p: ``(n,)`` unnormalised target log-density at ``x ~ p``.
+        log_q: ``(n,)`` model log-density at the same ``x``.
+        log_z: ``log Z`` of the target (0 for a normalised one).
+
+    Returns:
+        a scalar tensor.
+    """
     return (log_p - log_q).mean() - log_z
 
 
@@ -47,8 +101,18 @@ def bits_per_dim(nll: float | Tensor, dims: int, levels: int | None = None) -> f
     For data with ``levels`` integer values per dimension, dequantised as
     ``(x + u) / levels`` with ``u ~ U(0, 1)``, the discrete negative log-likelihood in
     bits per dimension is ``log2(levels) + nll / (dims ln 2)`` where ``nll`` is the
-    continuous NLL (nats per example) of the rescaled data (Theis et al. 2016).
-    Without ``levels``, ``nll / (dims ln 2)``.
+    continuous NLL (nats per example) of the rescaled data; it is an upper bound on the
+    discrete model's NLL (Theis, van den Oord & Bethge 2016, "A note on the evaluation
+    of generative models", ICLR, section 3.1). Without ``levels``, ``nll / (dims ln 2)``.
+
+    Arguments:
+        nll: mean continuous NLL in nats per example: a float, or a tensor of any shape
+            (elementwise).
+        dims: dimensions per example (``D``).
+        levels: integer values per dimension before dequantisation, or ``None``.
+
+    Returns:
+        bits per dimension, a float or a tensor of ``nll``'s shape.
     """
     bpd = nll / (dims * math.log(2))
     return bpd + (math.log2(levels) if levels else 0.0)

@@ -40,6 +40,10 @@ def domains_to_config(domains: Sequence[Domain]) -> list:
     """Domains as plain values: ``"real"``, ``"circle"`` or ``["interval", low, high]``.
 
     A circle with bounds other than ``[-pi, pi)`` is ``["circle", low, high]``.
+
+    Returns:
+        a JSON-serialisable list with one entry per domain (the inverse of
+        :func:`domains_from_config`).
     """
     out: list = []
     for d in domains:
@@ -61,8 +65,11 @@ def domains_from_config(domains, features: int) -> tuple[Domain, ...]:
             ``("interval", low, high)`` or ``("circle", low, high)``.
         features: ``D``.
 
+    Returns:
+        a tuple of ``features`` :class:`Domain` objects.
+
     Raises:
-        ValueError: an unknown domain or the wrong number of domains.
+        ValueError: an unknown domain, bad bounds, or the wrong number of domains.
     """
     def one(d):
         if isinstance(d, (list, tuple)):
@@ -96,6 +103,10 @@ class Standardize(Transform):
 
     Shapes:
         ``x``, ``z``: ``(batch, D)``; ``ladj``: ``(batch,)``, constant.
+
+    Raises:
+        ValueError: the wrong number of domains or an unknown domain name; at call time,
+            a context (the layer is unconditional).
     """
 
     def __init__(self, features: int, domains: Sequence[Domain] | None = None):
@@ -109,6 +120,11 @@ class Standardize(Transform):
     @torch.no_grad()
     def set_stats(self, data: Tensor, eps: float = 1e-6) -> "Standardize":
         """Set ``mean``/``std`` from ``data`` ``(N, D)`` (real coordinates only; std >= eps).
+
+        ``std`` is the unbiased (``N - 1``) sample standard deviation, floored at ``eps``.
+
+        Returns:
+            ``self``.
 
         Raises:
             ValueError: ``data`` is not ``(N, D)`` with ``N >= 2`` or contains NaN/Inf.
@@ -145,6 +161,18 @@ class ModelFlow(Flow):
     model standardises its context with fixed buffers ``context_mean``/``context_std``
     (identity until set by :func:`fit_standardization`), so that callers always pass the
     context on its own scale, as it is in the data. Everything else is :class:`Flow`.
+
+    Arguments:
+        transform, base: as for :class:`~normflux.flows.Flow`.
+        config: the keyword arguments of :func:`build` (deep-copied).
+        context_features: ``C`` or ``None``.
+
+    Shapes:
+        as :class:`~normflux.flows.Flow`: ``log_prob(x (*batch, D), context (*batch, C))
+        -> (*batch,)``; ``context_mean``, ``context_std``: ``(C,)``.
+
+    Raises:
+        ValueError, TypeError: as :class:`~normflux.flows.Flow`.
     """
 
     def __init__(self, transform: Transform, base: BaseDistribution, config: dict,
@@ -178,9 +206,14 @@ def fit_standardization(flow: ModelFlow, data: Tensor, context: Tensor | None = 
         data: ``(N, D)`` training data (dequantised if the model sees dequantised data).
         context: ``(N, C)`` training contexts for a conditional model, or ``None``.
 
+    The context statistics are the per-column mean and unbiased standard deviation
+    (floored at 1e-6; 1 for a single row). Without ``context``, the context
+    standardisation of a conditional model is left unchanged.
+
     Raises:
-        ValueError: the model has no :class:`Standardize` layer although ``data`` is
-            standardised, or shapes do not match.
+        ValueError: the model has no :class:`Standardize` layer, ``data`` is not
+            ``(N >= 2, D)`` or is not finite, a context for an unconditional model, or a
+            context that is not ``(N, C)``.
     """
     layer = flow.standardizer()
     if layer is None:
@@ -251,9 +284,19 @@ def mixing(spec: LayerSpec, domains: tuple[Domain, ...], last: bool) -> tuple[li
                                                                             tuple[Domain, ...]]:
     """The fixed layers between two flow layers: a circular shift, then a permutation.
 
-    ``CircularShift`` when any coordinate is circular (so that the splines' fixed point
-    moves; Rezende et al. 2020); for ``D > 2`` a ``Permutation`` (``spec.permutation``),
-    whose reordering of the domains is returned. Nothing after the last layer.
+    ``CircularShift`` by ``pi`` when any coordinate is circular (so that the splines'
+    fixed point moves; Rezende et al. 2020); for ``D > 2`` and ``spec.permutation`` other
+    than ``"none"`` a ``Permutation`` (``"random"``: Kingma & Dhariwal 2018's shuffle,
+    ``"reverse"``: Papamakarios et al. 2017), whose reordering of the domains is
+    returned. Nothing after the last layer.
+
+    Returns:
+        ``(layers, domains)``: the fixed transforms and the domains of their output
+        coordinates.
+
+    Raises:
+        ValueError: an unknown ``spec.permutation`` (only checked when a permutation is
+            built).
     """
     if last:
         return [], domains
@@ -416,9 +459,13 @@ def _sylvester(spec: LayerSpec):
 def base_for(domains: Sequence[Domain]) -> BaseDistribution:
     """The base distribution for coordinates with these domains.
 
-    ``DiagGaussian`` for real, ``CircularUniform`` for circle (``[-pi, pi)``; for other
-    circle bounds a ``Uniform`` on them) and ``Uniform`` for interval coordinates; a
-    :class:`~normflux.distributions.Product` over runs of equal kinds when they mix.
+    ``DiagGaussian`` (standard normal) for real, ``CircularUniform`` for circle
+    (``[-pi, pi)``; for other circle bounds a ``Uniform`` on them) and ``Uniform`` for
+    interval coordinates; a :class:`~normflux.distributions.Product` over runs of
+    consecutive equal domains when they differ.
+
+    Returns:
+        an unconditional base with event shape ``(len(domains),)``.
     """
     parts: list[BaseDistribution] = []
     i = 0
@@ -468,7 +515,9 @@ def build(name: str, features: int, *, context: int | None = None, layers: int =
 
     Raises:
         ValueError: an unknown ``name`` (the message lists the known names), ``D < 2``,
-            bad domains, or settings the architecture rejects.
+            ``layers < 1``, a non-positive ``context``, bad domains, an unknown
+            ``permutation`` (detected when ``D > 2`` and ``layers > 1``), or settings and
+            options the architecture rejects.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")

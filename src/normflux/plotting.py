@@ -34,11 +34,16 @@ def _numpy(a) -> np.ndarray:
 def cylinder_grid(n: int = 200, x_range: tuple[float, float] = (-3.0, 3.0)):
     """The evaluation grid of :func:`plot_cylinder`.
 
+    Arguments:
+        n: grid points per axis.
+        x_range: ``(low, high)`` of the real coordinate.
+
     Returns:
         ``(x, phi, points)``: ``x`` of shape ``(n,)`` spanning ``x_range`` (inclusive),
-        ``phi`` of shape ``(n,)`` on ``[-pi, pi)`` (the endpoint ``pi`` excluded, it is
-        ``-pi``), and ``points`` of shape ``(n * n, 2)``, float32, rows ``(x_i, phi_j)``
-        with ``phi`` varying fastest.
+        ``phi`` of shape ``(n,)`` on ``[-pi, pi)`` in radians (the endpoint ``pi``
+        excluded, it is ``-pi``), and ``points`` of shape ``(n * n, 2)``, in torch's
+        default dtype (float32 unless changed), rows ``(x_i, phi_j)`` with ``phi``
+        varying fastest.
     """
     x = torch.linspace(x_range[0], x_range[1], n)
     phi = -math.pi + 2 * math.pi * torch.arange(n) / n
@@ -66,8 +71,8 @@ def plot_cylinder(target, flow, path: str | os.PathLike, *, grid: int = 200,
     (default ``[-3, 3]``), ``phi`` in ``[-pi, pi)``, on a ``grid x grid`` grid (default
     200 x 200). Bottom row: the same densities as colours on the cylinder surface
     ``(x, cos phi, sin phi)`` in 3-D (``mpl_toolkits.mplot3d``). Both models share one
-    colour scale (the target's density is normalised here by ``exp(log_prob)``; an
-    unnormalised target is shown up to its constant).
+    colour scale. Densities are ``exp(log_prob)`` as given (no renormalisation), so an
+    unnormalised target is shown up to its constant.
 
     Arguments:
         target: an object with ``log_prob(points) -> (n,)`` for points ``(n, 2)`` rows
@@ -80,6 +85,9 @@ def plot_cylinder(target, flow, path: str | os.PathLike, *, grid: int = 200,
 
     Returns:
         the path written.
+
+    Raises:
+        OSError: the directory or file cannot be written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +151,8 @@ def plot_samples(data, samples, path: str | os.PathLike, *, title: str | None = 
       first 64 data rows and the first 64 samples, on the data's grey scale (samples are
       clipped to the data range);
     * ``D = 2``: two scatter plots with the same axes;
-    * other ``D``: scatter plots of the first two coordinates.
+    * other ``D >= 2``: scatter plots of the first two coordinates (``D = 1`` is not
+      supported).
 
     Arguments:
         data: ``(N, D)`` array or tensor.
@@ -157,6 +166,8 @@ def plot_samples(data, samples, path: str | os.PathLike, *, title: str | None = 
 
     Raises:
         ValueError: ``data`` and ``samples`` are not 2-D with the same ``D``.
+        IndexError: ``D = 1`` (the scatter plot needs two coordinates).
+        OSError: the directory or file cannot be written.
     """
     data, samples = _numpy(data), _numpy(samples)
     if data.ndim != 2 or samples.ndim != 2 or data.shape[1] != samples.shape[1]:

@@ -45,6 +45,15 @@ class DivergenceError(RuntimeError):
 def make_optimizer(flow: nn.Module, lr: float, total_steps: int, weight_decay: float = 0.0):
     """Adam with a cosine schedule from ``lr`` to 0 over ``total_steps`` scheduler steps.
 
+    Adam: Kingma & Ba 2015 (Algorithm 1); the schedule is ``CosineAnnealingLR``
+    (Loshchilov & Hutter 2017, SGDR, eq. 5, without restarts).
+
+    Arguments:
+        flow: the module whose ``parameters()`` are optimised.
+        lr: peak learning rate (> 0).
+        total_steps: length of the cosine schedule (>= 1).
+        weight_decay: Adam's L2 penalty.
+
     Returns:
         ``(optimizer, scheduler)``; call ``scheduler.step()`` after each optimizer step.
 
@@ -104,7 +113,13 @@ def evaluate_nll(flow: nn.Module, data: Tensor, context: Tensor | None = None,
         batch_size: evaluation chunk size (memory only; the result does not depend on it).
 
     Returns:
-        a float (``inf`` if some point has zero density).
+        a float (``inf`` if some point has zero density). The flow is evaluated in eval
+        mode and its training flag restored.
+
+    Raises:
+        ValueError, TypeError: data or context the flow does not accept (see
+            :class:`~normflux.flows.Flow`).
+        ZeroDivisionError: ``data`` has no rows.
     """
     dtype, device = _param_info(flow)
     was = flow.training
@@ -166,7 +181,10 @@ def fit_to_data(flow: nn.Module, data: Tensor, context: Tensor | None = None, *,
     Raises:
         DivergenceError: a non-finite training loss, gradient norm or validation loss
             (the message names the epoch, the step and the value).
-        ValueError: bad shapes or settings (e.g. fewer than 2 points).
+        ValueError: ``data`` and ``context`` with different numbers of rows,
+            ``epochs < 1``, ``batch_size < 1``, ``val_fraction`` outside ``[0, 1)``, too
+            few points for the validation split (e.g. a single point), ``lr <= 0``, or
+            data the flow rejects.
     """
     t0 = time.perf_counter()
     if not isinstance(data, Tensor):
@@ -292,7 +310,7 @@ def fit_to_target(flow: nn.Module, target, *, steps: int = 1000, batch_size: int
 
     Raises:
         DivergenceError: a non-finite loss or gradient norm (names the step and value).
-        ValueError: ``steps`` or ``batch_size`` < 1.
+        ValueError: ``steps`` or ``batch_size`` < 1, or ``lr <= 0``.
     """
     t0 = time.perf_counter()
     if steps < 1 or batch_size < 1:

@@ -67,6 +67,9 @@ class Dataset:
         """``(x, context)`` of ``"train"``, ``"test"`` or ``"all"`` (train then test), ready
         for ``log_prob``: dequantised with fixed noise (``seed``) where the data set needs it.
 
+        Returns:
+            ``x``: ``(N, D)`` float32; ``context``: ``(N, C)`` float32 or ``None``.
+
         Raises:
             ValueError: an unknown split.
         """
@@ -88,8 +91,14 @@ class Dataset:
 def two_moons(n: int = 2000, seed: int = 0, noise: float = 0.05) -> Tensor:
     """``n`` points of ``sklearn.datasets.make_moons(n, noise=noise, random_state=seed)``.
 
+    Two interleaved half circles with Gaussian noise of std ``noise`` (scikit-learn's
+    toy data set; no paper defines it).
+
     Returns:
         ``(n, 2)`` float32 tensor.
+
+    Raises:
+        ImportError: scikit-learn is not installed.
     """
     from sklearn.datasets import make_moons
 
@@ -104,15 +113,20 @@ def load_dataset(name: str | os.PathLike, *, seed: int = 0,
 
     Arguments:
         name: ``"two-moons"``, ``"digits"`` or a file path.
-        seed: the data set's seed (two-moons generation, digits split); files are always
-            split with ``numpy.random.default_rng(0)`` unless ``seed`` is changed.
+        seed: the data set's seed (two-moons generation, digits split); files are split
+            with ``numpy.random.default_rng(seed)``.
         context_columns: for files, the columns to use as context (see
             :func:`~.tables.load_table`); not allowed for the named data sets.
         test_fraction: for files, the fraction held out as the test set (>= 1 row).
 
+    Returns:
+        a :class:`Dataset` (float32 tensors; for files, ``max(1, round(test_fraction *
+        N))`` random rows are the test set).
+
     Raises:
         DataError (a ``ValueError``): not a known name and not an existing file, a
             malformed file, context columns for a named data set, or too few rows.
+        ImportError: scikit-learn is not installed (named data sets).
     """
     key = str(name)
     if key in DATASETS:

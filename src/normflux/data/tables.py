@@ -23,7 +23,7 @@ class DataError(ValueError):
 
 
 def column_letter(j: int) -> str:
-    """Spreadsheet column name of the 1-based column ``j``: 1 -> A, 27 -> AA."""
+    """Spreadsheet name of the 1-based column ``j``: 1 -> A, 27 -> AA (``""`` if ``j < 1``)."""
     s = ""
     while j > 0:
         j, r = divmod(j - 1, 26)
@@ -164,8 +164,9 @@ def load_table(path: str | os.PathLike, context_columns: Sequence[int | str] | N
     Arguments:
         path: the file; the extension (``.csv`` or ``.npy``, any case) picks the format.
         context_columns: columns to return as the context (conditioning variables):
-            0-based indices (negative counts from the end) or header names; ``None`` or
-            empty for none.
+            0-based indices (negative counts from the end; strings of digits such as
+            ``"2"`` or ``"-1"`` count as indices) or header names; ``None`` or empty for
+            none.
 
     Returns:
         ``(data, context)``: ``float64`` arrays of shape ``(N, D)`` and ``(N, C)`` (or
@@ -175,7 +176,8 @@ def load_table(path: str | os.PathLike, context_columns: Sequence[int | str] | N
         DataError (a ``ValueError``): the file does not exist, is a directory, has
             another extension, is empty, has a non-numeric / empty / NaN / Inf cell (row
             and column named, 1-based), rows of unequal length, is not 2-D, or a context
-            column does not exist.
+            column does not exist, is named in a file without a header, is given twice,
+            or leaves no data column.
     """
     path = Path(path)
     if not path.exists():

@@ -52,7 +52,19 @@ class BaseDistribution(nn.Module):
         raise NotImplementedError
 
     def sample_and_log_prob(self, n: int, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """One draw of ``n`` samples and their log-density."""
+        """One draw of ``n`` samples and their log-density.
+
+        Arguments:
+            n: number of samples.
+            context: ``(n, C)`` (or ``(1, C)``) for a conditional base, else ``None``.
+
+        Returns:
+            ``(z, log_prob)``: ``(n, *event_shape)`` and ``(n,)`` (nats).
+
+        Raises:
+            ValueError: a context where none is expected (or none where one is, or of
+                the wrong shape).
+        """
         z = self.sample(n, context)
         return z, self.log_prob(z, context)
 
@@ -65,8 +77,12 @@ class DiagGaussian(BaseDistribution):
         loc, scale: scalars or ``(D,)`` (default 0 and 1), ``scale > 0``.
         trainable: make ``loc`` and ``log_scale`` parameters (else buffers).
 
+    Shapes:
+        ``log_prob(z (batch, D)) -> (batch,)`` (nats); ``sample(n) -> (n, D)``.
+
     Raises:
-        ValueError: non-positive scale or wrong shapes.
+        ValueError: non-positive scale or wrong shapes; a context is passed (the
+            distribution is unconditional).
     """
 
     def __init__(self, features: int, loc=0.0, scale=1.0, trainable: bool = False):
@@ -101,8 +117,13 @@ class Uniform(BaseDistribution):
         features: ``D``.
         low, high: scalars or ``(D,)`` with ``low < high``.
 
+    Shapes:
+        ``log_prob(z (batch, D)) -> (batch,)`` (nats, ``-sum log(high - low)`` inside);
+        ``sample(n) -> (n, D)``.
+
     Raises:
-        ValueError: ``low >= high`` or wrong shapes.
+        ValueError: ``low >= high`` or wrong shapes; a context is passed (the
+            distribution is unconditional).
     """
 
     def __init__(self, features: int, low=0.0, high=1.0):
@@ -130,6 +151,16 @@ class CircularUniform(Uniform):
     """Uniform distribution on the torus ``[-pi, pi)^D`` (angles in radians).
 
     ``log_prob = -D log(2 pi)`` for every input (angles are taken modulo ``2 pi``).
+
+    Arguments:
+        features: ``D``.
+
+    Shapes:
+        ``log_prob(z (batch, D)) -> (batch,)`` (nats); ``sample(n) -> (n, D)`` in
+        ``[-pi, pi)``.
+
+    Raises:
+        ValueError: a context is passed (the distribution is unconditional).
     """
 
     def __init__(self, features: int):
@@ -157,6 +188,14 @@ class VonMises(BaseDistribution):
         loc: ``mu``, scalar or ``(D,)`` (radians).
         concentration: ``kappa > 0``, scalar or ``(D,)``.
         trainable: make ``loc`` and ``log_concentration`` parameters.
+
+    Shapes:
+        ``log_prob(z (batch, D)) -> (batch,)`` (nats; ``z`` in radians, any real value);
+        ``sample(n) -> (n, D)`` in ``[-pi, pi)``.
+
+    Raises:
+        ValueError: non-positive concentration or wrong shapes; a context is passed
+            (the distribution is unconditional).
     """
 
     def __init__(self, features: int, loc=0.0, concentration=1.0, trainable: bool = False):
@@ -197,6 +236,15 @@ class Product(BaseDistribution):
     Arguments:
         parts: vector base distributions (event shape ``(D_i,)``); conditional parts all
             receive the same context.
+
+    Shapes:
+        ``log_prob(z (batch, sum D_i), context) -> (batch,)`` (nats);
+        ``sample(n, context) -> (n, sum D_i)``; ``context``: ``(batch, C)`` when a part
+        is conditional.
+
+    Raises:
+        ValueError: no parts, or a part whose event shape is not 1-D; at call time, a
+            context where none is expected (or none where one is, or of the wrong shape).
     """
 
     def __init__(self, parts: Sequence[BaseDistribution]):
@@ -210,6 +258,8 @@ class Product(BaseDistribution):
         self.sizes = [p.event_shape[0] for p in parts]
         self.event_shape = (sum(self.sizes),)
         feats = {p.context_features for p in parts if p.context_features is not None}
+        if len(feats) > 1:
+            raise ValueError(f"Product parts expect different context widths {sorted(feats)}")
         self.context_features = feats.pop() if feats else None
 
     def log_prob(self, z, context=None):

@@ -81,6 +81,10 @@ class ClassConditionalDiagGaussian(_GaussianFromParams):
         features: ``D``.
         classes: number of classes (the context width).
 
+    Shapes:
+        ``log_prob(z (n, D), context (n, classes)) -> (n,)`` (nats);
+        ``sample(n, context (n, classes))`` (or ``(1, classes)``) ``-> (n, D)``.
+
     Raises:
         ValueError: a missing context, or one of the wrong shape.
     """

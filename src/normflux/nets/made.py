@@ -20,6 +20,12 @@ def autoregressive_order(order: str | Sequence[int] | Tensor, features: int,
             (a random permutation from ``generator``), or explicit degrees (a permutation
             of ``1..D``).
         features: ``D >= 1``.
+        generator: random generator for ``"random"``.
+
+    Returns:
+        ``(D,)`` long tensor of degrees, a permutation of ``1..D`` (the input ordering
+        ``m^0`` of Germain et al. 2015, section 4; ``"random"`` is one draw of the
+        order-agnostic training of section 4.3, fixed afterwards).
 
     Raises:
         ValueError: unknown order name, or explicit degrees that are not a permutation of
@@ -44,9 +50,18 @@ def autoregressive_order(order: str | Sequence[int] | Tensor, features: int,
 class MaskedLinear(nn.Linear):
     """``y = x (W * M)^T + b`` with a fixed binary mask ``M`` (a saved buffer).
 
+    The masked weight matrices of MADE (Germain et al. 2015, section 4: ``W * M``).
+
     Arguments:
         in_features, out_features: widths.
         mask: ``(out_features, in_features)`` 0/1.
+
+    Shapes:
+        ``x``: ``(batch, in_features)`` (any leading dimensions) ->
+        ``(batch, out_features)``.
+
+    Raises:
+        ValueError: ``mask`` does not have shape ``(out_features, in_features)``.
     """
 
     def __init__(self, in_features: int, out_features: int, mask: Tensor):
@@ -104,6 +119,7 @@ class MADE(nn.Module):
 
     Raises:
         ValueError: non-positive widths, unequal widths with ``residual``, bad order.
+        IndexError: an ``input_index`` entry outside ``0..D-1``.
     """
 
     def __init__(self, features: int, params_per_feature: int,
@@ -162,8 +178,13 @@ class MADE(nn.Module):
                weights: list[Tensor] | None = None) -> Tensor:
         """The last hidden layer, ``(batch, H)``.
 
-        ``weights`` (from :meth:`masked_weights`) reuses masked weight matrices across
-        the sequential passes of an autoregressive inverse instead of re-masking.
+        Arguments:
+            x: ``(batch, n_in)``.
+            context: ``(batch, C)`` (or ``(1, C)``), or ``None``; ignored by an
+                unconditional MADE.
+            weights: the output of :meth:`masked_weights`, to reuse the masked weight
+                matrices across the sequential passes of an autoregressive inverse
+                instead of re-masking.
         """
         if weights is None:
             h = self.first(x)
@@ -186,7 +207,12 @@ class MADE(nn.Module):
         return h
 
     def masked_weights(self) -> list[Tensor]:
-        """The masked weight matrices ``W * M`` of the hidden layers, in order of use."""
+        """The masked weight matrices ``W * M`` of the hidden layers, in order of use.
+
+        Returns:
+            a list of ``(out, in)`` tensors: the first layer's ``(H_1, n_in)``, then
+            one per masked hidden layer (two per residual block); not the output layer.
+        """
         out = [self.first.weight * self.first.mask]
         for m in self.body:
             if isinstance(m, MaskedLinear):
@@ -196,7 +222,7 @@ class MADE(nn.Module):
         return out
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """``(batch, n_in)`` -> ``(batch, D, P)``."""
+        """``(batch, n_in)`` (+ context ``(batch, C)``) -> ``(batch, D, P)``."""
         h = self.hidden(x, context)
         return self.head(h).view(x.shape[0], self.features, self.params_per_feature)
 
@@ -205,7 +231,12 @@ class MADE(nn.Module):
 
         One ``P``-row slice of the output layer: the sequential inverse of an
         autoregressive layer needs just one coordinate's parameters per pass.
-        ``head_weight`` is the pre-masked output weight (``head.weight * head.mask``).
+
+        Arguments:
+            h: ``(batch, H)`` from :meth:`hidden`.
+            i: the coordinate, ``0..D-1``.
+            head_weight: the pre-masked output weight ``head.weight * head.mask``,
+                ``(D * P, H)``, or ``None`` to mask here.
         """
         P = self.params_per_feature
         rows = slice(i * P, (i + 1) * P)

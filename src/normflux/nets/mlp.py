@@ -39,8 +39,13 @@ class MLP(nn.Module):
         residual: use residual blocks (two linear layers each).
         zero_init: zero the output layer's weight and bias.
 
+    Shapes:
+        ``forward(x (batch, in), context (batch, C) or (1, C)) -> (batch, out)``.
+
     Raises:
-        ValueError: non-positive widths, or unequal widths with ``residual``.
+        ValueError: non-positive widths (``in_features`` may be 0), no input at all
+            (``in_features = 0`` without a context), or unequal widths with
+            ``residual``.
     """
 
     def __init__(self, in_features: int, out_features: int,

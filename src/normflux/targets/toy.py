@@ -19,6 +19,10 @@ def _check(x: Tensor, dim: int, name: str) -> None:
 class Target(nn.Module):
     """A target density: ``log_prob(x) -> (batch,)``, possibly unnormalised.
 
+    Subclasses implement ``log_prob(x)`` for ``x`` of shape ``(batch, dim)`` (nats) and,
+    where an exact sampler exists, ``sample(n, generator=None) -> (n, dim)``; the base
+    ``sample`` raises ``NotImplementedError``.
+
     Attributes:
         dim: dimension of ``x``.
         log_normalizer: ``log Z`` where known (0 for normalised targets), else ``None``.
@@ -42,7 +46,19 @@ class Cylinder(Target):
     ``p(x, phi) = N(x | 0, 1) * vonMises(phi | mu = 3x, kappa = 1)`` on
     ``R x [-pi, pi)``; normalised exactly (``log_normalizer = 0``). ``x[:, 0]`` is the
     real coordinate, ``x[:, 1]`` the angle in radians (any real value; the density is
-    2 pi-periodic in it). :meth:`sample` is exact (von Mises by rejection, wrapped).
+    2 pi-periodic in it). :meth:`sample` is exact (von Mises by rejection, wrapped to
+    ``[-pi, pi)``); with a ``generator`` it reseeds torch's global generator from it for
+    the draw and restores the global state afterwards.
+
+    Arguments:
+        slope: the ``3`` in ``mu = 3x`` (radians per unit of ``x``).
+        concentration: ``kappa > 0``.
+
+    Shapes:
+        ``log_prob(x (batch, 2)) -> (batch,)`` (nats); ``sample(n) -> (n, 2)``.
+
+    Raises:
+        ValueError: :meth:`log_prob` of an ``x`` that is not a ``(batch, 2)`` tensor.
     """
 
     dim = 2
@@ -82,6 +98,13 @@ class TwoMoons(Target):
     ``log p~(x) = -0.5 ((|x| - 2) / 0.2)^2 - 0.5 ((|x_0| - 2) / 0.3)^2
     + log(1 + exp(-4 |x_0| / 0.09))``, as in normflows' ``TwoMoons`` target. No exact
     sampler; ``log_normalizer`` is unknown (``None``).
+
+    Shapes:
+        ``log_prob(x (batch, 2)) -> (batch,)`` (nats, unnormalised).
+
+    Raises:
+        ValueError: :meth:`log_prob` of an ``x`` that is not a ``(batch, 2)`` tensor.
+        NotImplementedError: :meth:`sample`.
     """
 
     dim = 2
@@ -99,6 +122,18 @@ class RingOfGaussians(Target):
 
     Normalised (``log_normalizer = 0``), with an exact sampler. Defaults: 8 modes,
     radius 4, scale 0.5 (the "ring of 8 Gaussians" toy of FFJORD, Grathwohl et al. 2019).
+    Mode ``j`` is centred at angle ``2 pi j / k``.
+
+    Arguments:
+        k: number of modes.
+        radius: radius of the ring of means.
+        scale: standard deviation of each component.
+
+    Shapes:
+        ``log_prob(x (batch, 2)) -> (batch,)`` (nats); ``sample(n, generator) -> (n, 2)``.
+
+    Raises:
+        ValueError: :meth:`log_prob` of an ``x`` that is not a ``(batch, 2)`` tensor.
     """
 
     dim = 2

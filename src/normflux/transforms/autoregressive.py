@@ -48,8 +48,10 @@ class MaskedAutoregressive(Transform):
         ``x``: ``(batch, D)``; ``context``: ``(batch, C)``; ``ladj``: ``(batch,)``.
 
     Raises:
-        ValueError: domains the bijection does not support, a MADE of the wrong size,
-            a context where none is expected (or none where one is).
+        ValueError: domains the bijection does not support, a MADE of the wrong size, a
+            bad ``order`` (see :func:`~normflux.nets.autoregressive_order`); at call time,
+            a context where none is expected (or none where one is, or of the wrong
+            shape).
     """
 
     def __init__(self, bijection: Bijection, made: MADE | Callable | None = None, *,

@@ -44,9 +44,10 @@ def check_context(context: Tensor | None, context_features: int | None, batch: i
 
     Raises:
         ValueError: context given to an unconditional module, missing context for a
-            conditional one, wrong number of context features, a batch mismatch, or a
-            non-floating context. Shapes only are checked, so this is free under
-            ``torch.compile``.
+            conditional one, a context that is not 2-D or has the wrong number of
+            features, a batch mismatch, or a non-floating context. Shapes only are
+            checked, so this is free under ``torch.compile``.
+        TypeError: a context that is not a :class:`torch.Tensor`.
     """
     if context_features is None:
         if context is not None:
@@ -114,8 +115,14 @@ class Chain(Transform):
     Arguments:
         transforms: an iterable of :class:`Transform`.
 
+    Shapes:
+        ``x``: ``(batch, *event_shape)`` (as the members expect); ``context``:
+        ``(batch, C)``; ``ladj``: ``(batch,)``, the sum of the members' ``ladj``.
+
     Raises:
         TypeError: a member is not a :class:`Transform`.
+        ValueError: members expect different context widths; at call time, a context
+            the chain does not expect (or none where it does).
     """
 
     def __init__(self, transforms: Iterable[Transform]):
@@ -163,6 +170,14 @@ class Inverse(Transform):
 
     Arguments:
         transform: the :class:`Transform` to invert.
+
+    Shapes:
+        as those of ``transform``: ``x``: ``(batch, *event_shape)``; ``context``:
+        ``(batch, C)``; ``ladj``: ``(batch,)``. ``Inverse(t)(x)`` is ``t.inverse(x)``
+        and ``Inverse(t).inverse(z)`` is ``t(z)``, ``ladj`` included.
+
+    Raises:
+        TypeError: ``transform`` is not a :class:`Transform`.
     """
 
     def __init__(self, transform: Transform):

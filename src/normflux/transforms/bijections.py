@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .domains import CIRCLE, DomainSpec
+from .base import is_compiling
+from .fused_spline import fused_rq_spline
 from .splines import rational_quadratic_spline, spline_knots
 
 __all__ = ["Bijection", "Affine", "Additive", "RQSpline"]
@@ -43,6 +45,10 @@ class Bijection(nn.Module):
     constant_jacobian: bool = False
 
     def num_params(self, spec: DomainSpec) -> int:
+        """Number ``P`` of parameters per coordinate for the coordinates of ``spec``.
+
+        The conditioner outputs ``params`` of shape ``(batch, n, P)``.
+        """
         raise NotImplementedError
 
     def make_spec(self, domains) -> DomainSpec:
@@ -70,12 +76,19 @@ class Affine(Bijection):
 
     The raw scale output ``r`` is squashed as ``s = bound * tanh(r / bound)``, so that
     ``|log-scale| <= bound`` and no unbounded output is exponentiated (the "stable scale"
-    of Real NVP / Glow implementations; Dinh et al. 2017, eq. 7; Kingma & Dhariwal 2018
-    use a sigmoid for the same purpose). ``params[..., 0]`` is the shift ``t``,
+    of Real NVP / Glow implementations: Dinh et al. 2017 bound the scale network's output
+    with a tanh, Kingma & Dhariwal 2018 use a sigmoid for the same purpose). ``params[..., 0]`` is the shift ``t``,
     ``params[..., 1]`` the raw scale ``r``. Real coordinates only.
 
     Arguments:
         log_scale_bound: the bound on ``|s|`` (default 3, a factor of e^3 ~ 20 per layer).
+
+    Shapes:
+        ``x``, ``y``: ``(batch, n)``; ``params``: ``(batch, n, 2)``; ``ladj``:
+        ``(batch, n)``, ``s`` (``-s`` for the inverse).
+
+    Raises:
+        ValueError: ``log_scale_bound <= 0``; :meth:`make_spec` with a non-real domain.
     """
 
     def __init__(self, log_scale_bound: float = 3.0):
@@ -85,6 +98,7 @@ class Affine(Bijection):
         self.log_scale_bound = float(log_scale_bound)
 
     def num_params(self, spec: DomainSpec) -> int:
+        """2: the shift ``t`` and the raw log-scale ``r``."""
         return 2
 
     def _scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,11 +118,22 @@ class Affine(Bijection):
 
 
 class Additive(Bijection):
-    """Volume-preserving shift ``y = x + t`` (NICE; Dinh et al. 2015, eq. 5). ``ladj = 0``."""
+    """Volume-preserving shift ``y = x + t`` (NICE; Dinh et al. 2015, eq. 5). ``ladj = 0``.
+
+    ``params[..., 0]`` is the shift ``t``. Real coordinates only.
+
+    Shapes:
+        ``x``, ``y``: ``(batch, n)``; ``params``: ``(batch, n, 1)``; ``ladj``:
+        ``(batch, n)`` zeros.
+
+    Raises:
+        ValueError: :meth:`make_spec` with a non-real domain.
+    """
 
     constant_jacobian = True
 
     def num_params(self, spec: DomainSpec) -> int:
+        """1: the shift ``t``."""
         return 1
 
     def forward(self, x, params, spec):
@@ -128,8 +153,9 @@ class RQSpline(Bijection):
       tails, ``ladj = 0``); ``3K - 1`` parameters when every coordinate is real;
     * ``interval(a, b)``: the spline on ``[a, b]`` with free boundary slopes (inputs
       outside ``[a, b]`` pass unchanged);
-    * ``circle``: angles are first wrapped into ``[-pi, pi)``; the spline fixes ``-pi``
-      and ``pi`` and has equal slopes there, a diffeomorphism of the circle (Rezende et
+    * ``circle``: angles (radians) are first wrapped into the circle's ``[low, high)``
+      (``[-pi, pi)`` for :data:`~normflux.transforms.circle`); the spline fixes both
+      ends and has equal slopes there, a diffeomorphism of the circle (Rezende et
       al., "Normalizing flows on tori and spheres", ICML 2020, section 3.2). Compose with
       :class:`~normflux.transforms.CircularShift` so that the fixed point moves.
 
@@ -139,7 +165,16 @@ class RQSpline(Bijection):
     Arguments:
         bins: number of bins ``K`` (default 8).
         tail_bound: ``B`` for real coordinates (default 3).
-        min_bin_width, min_bin_height, min_derivative: numerical floors (default 1e-3).
+        min_bin_width, min_bin_height, min_derivative: numerical floors (default 1e-3;
+            ``min_bin_width * K`` and ``min_bin_height * K`` must be below 1).
+
+    Shapes:
+        ``x``, ``y``: ``(batch, n)``; ``params``: ``(batch, n, P)`` with ``P =``
+        :meth:`num_params`; ``ladj``: ``(batch, n)``, elementwise ``log|dy_i/dx_i|``.
+
+    Raises:
+        ValueError: ``bins < 1`` or ``tail_bound <= 0``; at call time, ``params`` whose
+            last dimension is not :meth:`num_params`.
     """
 
     supported_domains = ("real", "interval", "circle")
@@ -158,6 +193,7 @@ class RQSpline(Bijection):
         self.min_derivative = min_derivative
 
     def num_params(self, spec: DomainSpec) -> int:
+        """``3K - 1`` when every coordinate of ``spec`` is real, else ``3K + 1``."""
         return 3 * self.bins - 1 if spec.all_real else 3 * self.bins + 1
 
     def _knots(self, params: Tensor, spec: DomainSpec):
@@ -166,13 +202,20 @@ class RQSpline(Bijection):
                             min_bin_width=self.min_bin_width, min_bin_height=self.min_bin_height,
                             min_derivative=self.min_derivative)
 
+    def _apply_spline(self, x, params, spec, inverse):
+        if spec.all_real and not is_compiling():
+            # same map, fused with a closed-form backward (eager fast path)
+            return fused_rq_spline(x, params, spec.low.to(params.dtype), spec.high.to(params.dtype),
+                                   bins=self.bins, min_bin_width=self.min_bin_width,
+                                   min_bin_height=self.min_bin_height,
+                                   min_derivative=self.min_derivative, inverse=inverse)
+        return rational_quadratic_spline(spec.wrap(x), *self._knots(params, spec), inverse=inverse)
+
     def forward(self, x, params, spec):
-        x = spec.wrap(x)
-        return rational_quadratic_spline(x, *self._knots(params, spec))
+        return self._apply_spline(x, params, spec, inverse=False)
 
     def inverse(self, y, params, spec):
-        y = spec.wrap(y)
-        return rational_quadratic_spline(y, *self._knots(params, spec), inverse=True)
+        return self._apply_spline(y, params, spec, inverse=True)
 
     def extra_repr(self) -> str:
         return f"bins={self.bins}, tail_bound={self.tail_bound}"

@@ -27,6 +27,11 @@ def make_mask(kind: str, features: int, *, flip: bool = False,
         flip: negate the mask (the complementary layer of a pair).
         generator: random generator for ``"random"``.
 
+    Returns:
+        a ``(features,)`` boolean tensor (``ceil(features / 2)`` entries ``True`` for
+        ``"half"`` and ``"random"``, ``floor(features / 2)`` for ``"alternating"``;
+        complemented when ``flip``).
+
     Raises:
         ValueError: an unknown kind or fewer than 2 features.
     """
@@ -79,9 +84,11 @@ class Coupling(Transform):
         ``x``: ``(batch, D)``; ``context``: ``(batch, C)``; ``ladj``: ``(batch,)``.
 
     Raises:
-        ValueError: a mask with no transformed or no conditioning coordinate, a mask of
-            the wrong length, domains the bijection does not support, a context where
-            none is expected (or none where one is).
+        ValueError: a mask with no transformed or no conditioning coordinate, a mask that
+            is not 1-D or has the wrong length, a mask kind without ``features`` (or an
+            unknown kind), domains the bijection does not support; at call time, a
+            context where none is expected (or none where one is, or of the wrong
+            shape).
     """
 
     def __init__(self, bijection: Bijection, conditioner: nn.Module | Callable | None = None,

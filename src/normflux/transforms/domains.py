@@ -26,11 +26,18 @@ REAL, INTERVAL, CIRCLE = 0, 1, 2
 class Domain:
     """The domain of one coordinate.
 
+    Circular coordinates (and tori as products of circles) follow Rezende et al.,
+    "Normalizing flows on tori and spheres" (ICML 2020).
+
     Attributes:
         kind: ``"real"`` (the real line), ``"interval"`` (the closed interval
             ``[low, high]``) or ``"circle"`` (angles, the half-open ``[low, high)`` with
-            ``low`` and ``high`` identified).
+            ``low`` and ``high`` identified; radians for :data:`circle`).
         low, high: the bounds (``-inf``/``inf`` for ``real``).
+
+    Raises:
+        ValueError: an unknown ``kind``, or, for ``"interval"``/``"circle"``, bounds
+            that are not finite with ``low < high``.
     """
 
     kind: str
@@ -47,6 +54,8 @@ class Domain:
 
     @property
     def code(self) -> int:
+        """Integer code of :attr:`kind` used in :class:`DomainSpec` buffers: 0 real, 1
+        interval, 2 circle."""
         return {"real": REAL, "interval": INTERVAL, "circle": CIRCLE}[self.kind]
 
 
@@ -55,7 +64,10 @@ real = Domain("real")
 
 
 def interval(low: float, high: float) -> Domain:
-    """The closed interval ``[low, high]``.
+    """The closed interval ``[low, high]`` (bounds in the data's units).
+
+    Returns:
+        ``Domain("interval", low, high)``.
 
     Raises:
         ValueError: ``low >= high`` or a bound is not finite.
@@ -87,6 +99,10 @@ def as_domains(domains: DomainLike | Sequence[DomainLike] | None, features: int)
         domains: ``None`` (all real), one domain for every coordinate, or a sequence of
             ``features`` domains.
         features: the number of coordinates.
+
+    Returns:
+        a tuple of ``features`` :class:`Domain` objects (the strings ``"real"`` and
+        ``"circle"`` become :data:`real` and :data:`circle`).
 
     Raises:
         ValueError: a sequence of the wrong length, or an unknown domain name.
@@ -138,7 +154,14 @@ class DomainSpec(ConstantsMixin):
         return len(self.domains)
 
     def wrap(self, x: Tensor) -> Tensor:
-        """Wrap circular coordinates (last axis) into ``[low, high)``; others unchanged."""
+        """Wrap circular coordinates (last axis) into ``[low, high)``; others unchanged.
+
+        Arguments:
+            x: ``(..., n)``, one column per coordinate of the spec.
+
+        Returns:
+            a tensor of ``x``'s shape (``x`` itself when no coordinate is circular).
+        """
         if not self.any_circular:
             return x
         period = self.high - self.low

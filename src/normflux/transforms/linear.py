@@ -20,7 +20,8 @@ class LULinear(Transform):
     ``LULinear``). Starts as the identity. The log-determinant costs ``O(D)``.
 
     The inverse solves the two triangular systems (``O(D^2)`` per sample). In eval mode
-    the explicit inverse matrix is cached and reused until the weights change (detected
+    with gradients disabled (and outside ``torch.compile``) the explicit inverse matrix
+    is cached and reused until the weights change (detected
     by comparing with a copy of the factors taken when it was built, so
     ``optimizer.step()``, ``load_state_dict`` and writes through ``.data`` all
     invalidate it).
@@ -45,6 +46,8 @@ class LULinear(Transform):
         self.log_s = nn.Parameter(torch.zeros(D))
         self.bias = nn.Parameter(torch.zeros(D))
         perm = torch.arange(D) if permutation is None else torch.as_tensor(permutation, dtype=torch.long)
+        if perm.shape != (D,) or not torch.equal(torch.sort(perm).values, torch.arange(D)):
+            raise ValueError(f"permutation must be a permutation of 0..{D - 1}, got {perm.tolist()}")
         self.register_buffer("perm", perm)
         self.register_buffer("tril_mask", torch.tril(torch.ones(D, D), -1), persistent=False)
         self._cache: tuple | None = None
@@ -56,7 +59,7 @@ class LULinear(Transform):
         return L, U
 
     def weight(self) -> Tensor:
-        """The matrix ``W = P L U``, ``(D, D)``."""
+        """The matrix ``W = P L U`` (``z = W x + b``), ``(D, D)``, differentiable."""
         L, U = self._factors()
         return (L @ U)[torch.argsort(self.perm)]
 

@@ -24,7 +24,8 @@ class ActNorm(Transform):
     Kingma & Dhariwal, "Glow", NeurIPS 2018, section 3.1. Channels are dimension 1 of
     ``(batch, C)`` vectors or ``(batch, C, H, W)`` images; ``ladj = -(H W) sum log_scale``.
 
-    Initialisation: the first :meth:`forward` call in training mode sets ``loc`` and
+    Initialisation: the first :meth:`forward` call in training mode (outside
+    ``torch.compile``) sets ``loc`` and
     ``log_scale`` to the per-channel mean and standard deviation of its batch, so that
     the output is standardised. Degenerate batches never give NaN or absurd scales: a
     channel whose standard deviation is below ``min_std`` (a constant channel, or a
@@ -41,8 +42,12 @@ class ActNorm(Transform):
         features: number of channels ``C``.
         min_std: threshold under which a channel keeps unit scale (default 1e-6).
 
+    Shapes:
+        ``x``, ``z``: ``(batch, C)`` or ``(batch, C, *spatial)``; ``ladj``: ``(batch,)``.
+
     Raises:
-        ValueError: a context is passed (the layer is unconditional).
+        ValueError: a context is passed (the layer is unconditional), or ``x`` does not
+            have ``C`` channels in dimension 1.
     """
 
     def __init__(self, features: int, min_std: float = 1e-6):
@@ -57,7 +62,16 @@ class ActNorm(Transform):
 
     @staticmethod
     def statistics(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-channel ``(count, sum, sum of squares)`` of ``x`` (float64 for accuracy)."""
+        """Per-channel ``(count, sum, sum of squares)`` of ``x`` (float64 for accuracy).
+
+        Arguments:
+            x: ``(batch, C)`` or ``(batch, C, *spatial)``.
+
+        Returns:
+            ``count``: a 0-d float64 tensor, the number of values per channel
+            (``batch * prod(spatial)``); ``sum``, ``sum of squares``: ``(C,)`` float64.
+            Sums over data-parallel shards add up to the statistics of the global batch.
+        """
         dims = _reduce_dims(x)
         x64 = x.detach().double()
         count = torch.tensor(float(x.numel() // x.shape[1]), dtype=torch.float64, device=x.device)
@@ -65,7 +79,17 @@ class ActNorm(Transform):
 
     @torch.no_grad()
     def initialize_from_statistics(self, count: Tensor, total: Tensor, total_sq: Tensor) -> None:
-        """Set ``loc``/``log_scale`` from summed statistics and mark the layer initialised."""
+        """Set ``loc``/``log_scale`` from summed statistics and mark the layer initialised.
+
+        ``loc`` becomes the per-channel mean and ``exp(log_scale)`` the (biased)
+        standard deviation, or 1 where it is below ``min_std`` (Glow's data-dependent
+        initialisation, Kingma & Dhariwal 2018, section 3.1).
+
+        Arguments:
+            count: 0-d tensor, values per channel; total, total_sq: ``(C,)`` sums of
+                ``x`` and ``x^2`` (as from :meth:`statistics`, possibly summed over
+                shards).
+        """
         mean = total / count
         var = (total_sq / count - mean * mean).clamp(min=0)
         std = var.sqrt()
@@ -77,7 +101,14 @@ class ActNorm(Transform):
 
     @torch.no_grad()
     def initialize(self, x: Tensor) -> None:
-        """Data-dependent initialisation from the batch ``x`` (all-reduced when distributed)."""
+        """Data-dependent initialisation from the batch ``x`` (all-reduced when distributed).
+
+        Kingma & Dhariwal 2018 (Glow), section 3.1: after it the layer's output on ``x``
+        has zero mean and unit variance per channel.
+
+        Arguments:
+            x: ``(batch, C)`` or ``(batch, C, *spatial)``.
+        """
         count, total, total_sq = self.statistics(x)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             stats = torch.cat([count[None], total, total_sq])
@@ -128,8 +159,13 @@ class BatchNorm(Transform):
         momentum: running-average update weight (default 0.1).
         eps: variance floor (default 1e-5).
 
+    Shapes:
+        ``x``, ``z``: ``(batch, C)`` or ``(batch, C, *spatial)``; ``ladj``: ``(batch,)``
+        (the same value for every row).
+
     Raises:
-        ValueError: a context is passed; a training batch of one sample (no variance).
+        ValueError: a context is passed; in training mode, :meth:`forward` on a batch of
+            one sample with a single value per channel (no variance).
     """
 
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5):

@@ -26,8 +26,12 @@ class Permutation(Transform):
     Arguments:
         perm: ``(D,)`` a permutation of ``0..D-1``.
 
+    Shapes:
+        ``x``, ``z``: ``(batch, D)``; ``ladj``: ``(batch,)`` zeros.
+
     Raises:
-        ValueError: ``perm`` is not a permutation of ``0..D-1``.
+        ValueError: ``perm`` is not a permutation of ``0..D-1``; at call time, a context
+            (the layer is unconditional).
     """
 
     def __init__(self, perm: Tensor | Sequence[int]):
@@ -40,12 +44,19 @@ class Permutation(Transform):
 
     @classmethod
     def reverse(cls, features: int) -> "Permutation":
-        """Reverse the order of ``features`` coordinates."""
+        """Reverse the order of ``features`` coordinates: ``perm = (D-1, ..., 0)``.
+
+        The fixed reversal between layers used by Papamakarios et al. 2017 (MAF) and,
+        on channels, by Dinh et al. 2017 (Real NVP).
+        """
         return cls(torch.arange(features - 1, -1, -1))
 
     @classmethod
     def random(cls, features: int, generator: torch.Generator | None = None) -> "Permutation":
-        """A uniformly random permutation of ``features`` coordinates (from ``generator``)."""
+        """A uniformly random permutation of ``features`` coordinates (from ``generator``).
+
+        The "shuffle" permutation of Kingma & Dhariwal 2018 (Glow, section 3.2).
+        """
         return cls(torch.randperm(features, generator=generator))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -69,10 +80,16 @@ class CircularShift(ConstantsMixin, Transform):
 
     Arguments:
         domains: one domain per coordinate (at least one circular).
-        shift: the angle in radians (default half a period, ``pi``).
+        shift: the angle in radians (default half a period, ``pi``), added to every
+            circular coordinate.
+
+    Shapes:
+        ``x``, ``z``: ``(batch, D)`` with ``D = len(domains)``; ``ladj``: ``(batch,)``
+        zeros.
 
     Raises:
-        ValueError: no circular coordinate.
+        ValueError: no circular coordinate, or an unknown domain name; at call time, a
+            context (the layer is unconditional).
     """
 
     def __init__(self, domains: Sequence[DomainLike], shift: float = math.pi):

@@ -54,12 +54,17 @@ class Planar(Transform):
     Arguments:
         features: ``D``.
         context_features: ``C``; then ``u, w, b`` are affine functions of the context
-            (amortised flows), identity-initialised.
+            (amortised flows) whose context weights start at zero, so that every
+            context starts with the same (random) ``u, w`` and ``b = 0``.
         init_scale: std of the random initial ``u`` and ``w`` (a non-identity start
             breaks the symmetry, as in the paper's experiments).
 
     Shapes:
         ``x``: ``(batch, D)``; ``context``: ``(batch, C)``; ``ladj``: ``(batch,)``.
+
+    Raises:
+        ValueError: a context where none is expected (or none where one is, or of the
+            wrong shape).
     """
 
     exact_inverse = True
@@ -133,8 +138,16 @@ class Radial(Transform):
 
     Arguments:
         features: ``D``.
-        context_features: ``C``; then ``z0, alpha, beta`` are affine in the context.
+        context_features: ``C``; then ``z0, alpha, beta`` are affine in the context
+            (context weights start at zero).
         init_scale: std of the random initial centre ``z0``.
+
+    Shapes:
+        ``x``: ``(batch, D)``; ``context``: ``(batch, C)``; ``ladj``: ``(batch,)``.
+
+    Raises:
+        ValueError: a context where none is expected (or none where one is, or of the
+            wrong shape).
     """
 
     def __init__(self, features: int, context_features: int | None = None,
@@ -204,10 +217,18 @@ class Sylvester(Transform):
         features: ``D``.
         rank: ``M`` for the orthogonal variant (default ``D``).
         reflections: number of Householder reflections (selects the Householder variant).
-        context_features: ``C``; then ``R``, ``R~`` and ``b`` are affine in the context.
+        context_features: ``C``; then ``R``, ``R~`` and ``b`` are affine in the context
+            (context weights start at zero; ``Q`` does not depend on the context).
+        init_scale: std of the random initial ``R``, ``R~`` (and, for the orthogonal
+            variant, of the perturbation of the identity that ``Q`` is built from).
+
+    Shapes:
+        ``x``: ``(batch, D)``; ``context``: ``(batch, C)``; ``ladj``: ``(batch,)``.
 
     Raises:
-        ValueError: ``rank`` outside ``1..D``, or both ``rank`` and ``reflections``.
+        ValueError: ``rank`` outside ``1..D``, or both ``rank`` and ``reflections``; at
+            call time, a context where none is expected (or none where one is, or of
+            the wrong shape).
     """
 
     def __init__(self, features: int, rank: int | None = None, reflections: int | None = None,

@@ -1,0 +1,74 @@
+"""The fused spline equals the reference knots + spline to every derivative order."""
+
+import pytest
+import torch
+from torch.func import hessian, jacrev, vmap
+
+from normflux.transforms.fused_spline import _reference, fused_rq_spline
+
+
+def _setup(K, B=6, n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = (2 * torch.randn(B, n, 3 * K - 1, generator=g, dtype=torch.float64)).requires_grad_()
+    x = (8 * torch.rand(B, n, generator=g, dtype=torch.float64) - 4).requires_grad_()
+    low = torch.full((n,), -3.0, dtype=torch.float64)
+    return x, p, low, -low
+
+
+@pytest.mark.parametrize("K", [1, 2, 5, 8])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_values_and_gradients_match_reference(K, inverse):
+    x, p, low, high = _setup(K)
+    y1, l1 = fused_rq_spline(x, p, low, high, bins=K, inverse=inverse)
+    y2, l2 = _reference(x, p, low, high, K, 1e-3, 1e-3, 1e-3, inverse)
+    assert (y1 - y2).abs().max() < 1e-12 and (l1 - l2).abs().max() < 1e-12
+    gy, gl = torch.randn_like(y1), torch.randn_like(l1)
+    a = torch.autograd.grad((y1, l1), (x, p), (gy, gl))
+    b = torch.autograd.grad((y2, l2), (x, p), (gy, gl))
+    assert all((u - v).abs().max() < 1e-11 for u, v in zip(a, b))
+    f = lambda x, p: fused_rq_spline(x, p, low, high, bins=K, inverse=inverse)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, p))
+    assert torch.autograd.gradgradcheck(f, (x, p))
+
+
+def test_torch_func_hessians_are_exact():
+    K = 5
+    x, p, low, high = _setup(K, B=1, n=2)
+    x, p = x.detach(), p.detach()
+
+    def fused(pp):
+        return sum(t.sum() for t in fused_rq_spline(x, pp, low, high, bins=K))
+
+    def ref(pp):
+        return sum(t.sum() for t in _reference(x, pp, low, high, K, 1e-3, 1e-3, 1e-3, False))
+
+    h = jacrev(jacrev(ref))(p)
+    assert h.abs().max() > 1e-3
+    assert (jacrev(jacrev(fused))(p) - h).abs().max() < 1e-10
+    assert (hessian(fused)(p) - h).abs().max() < 1e-10
+    J = vmap(jacrev(lambda v, q: fused_rq_spline(v, q, low, high, bins=K)[0]))(x, p)
+    assert J.shape == (1, 2, 2)
+
+
+def test_far_tails_identity_and_finite_gradients():
+    K = 8
+    _, p, low, high = _setup(K, B=3, n=2)
+    x = torch.tensor([[5.0, -6.0], [1e4, -1e4], [0.5, 3.0]], dtype=torch.float64,
+                     requires_grad=True)
+    y, lad = fused_rq_spline(x, p, low, high, bins=K)
+    assert torch.equal(y[:2], x[:2]) and torch.equal(lad[:2], torch.zeros_like(lad[:2]))
+    (y.sum() + lad.sum()).backward()
+    assert torch.isfinite(p.grad).all() and torch.isfinite(x.grad).all()
+    assert torch.equal(p.grad[:2], torch.zeros_like(p.grad[:2]))
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_forward_mode_ad_matches_finite_differences(inverse):
+    from normflux.transforms.splines import rational_quadratic_spline, spline_knots
+    K = 6
+    x, p, low, high = _setup(K)
+
+    def f(x, p):
+        return rational_quadratic_spline(x, *spline_knots(p, low, high, bins=K), inverse=inverse)
+
+    assert torch.autograd.gradcheck(f, (x, p), check_forward_ad=True, check_backward_ad=True)
