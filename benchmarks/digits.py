@@ -102,8 +102,14 @@ import torch
 from torch import Tensor, nn
 
 from normflux.cli import TRAIN_DEFAULTS, build_parser
-from normflux.data.digits import (DIMS, LEVELS, bits_per_dim, dequantize,
-                                  independent_pixel_baseline, load_digits_split)
+from normflux.data.digits import (
+    DIMS,
+    LEVELS,
+    bits_per_dim,
+    dequantize,
+    independent_pixel_baseline,
+    load_digits_split,
+)
 from normflux.models import Standardize, build, fit_standardization
 from normflux.training import fit_to_data
 
@@ -324,10 +330,13 @@ def build_nflows(family: str, cfg: Config, data: Data) -> Model:
     from nflows.flows.autoregressive import MaskedAutoregressiveFlow
     from nflows.flows.base import Flow
     from nflows.nn.nets import MLP
-    from nflows.transforms import (CompositeTransform, LULinear,
-                                   MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
-                                   PiecewiseRationalQuadraticCouplingTransform,
-                                   ReversePermutation)
+    from nflows.transforms import (
+        CompositeTransform,
+        LULinear,
+        MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
+        PiecewiseRationalQuadraticCouplingTransform,
+        ReversePermutation,
+    )
 
     made = _nflows_made_size(cfg) if family != "nsf" else None
     if family == "nsf":

@@ -152,7 +152,8 @@ def _normflows_maf_affine(features, layers, hidden):
 
 def _normflows_maf_spline(features, layers, hidden, bins, tail_bound):
     from normflows.flows.neural_spline.autoregressive import (
-        MaskedPiecewiseRationalQuadraticAutoregressive)
+        MaskedPiecewiseRationalQuadraticAutoregressive,
+    )
     nf, Flip, reverse_perm = _nf_wrappers()
     assert len(set(hidden)) == 1
     mods = []
@@ -210,8 +211,10 @@ def _nflows_maf_affine(features, layers, hidden):
 
 
 def _nflows_maf_spline(features, layers, hidden, bins, tail_bound):
-    from nflows.transforms import (MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
-                                   ReversePermutation)
+    from nflows.transforms import (
+        MaskedPiecewiseRationalQuadraticAutoregressiveTransform,
+        ReversePermutation,
+    )
     assert len(set(hidden)) == 1
     ts = []
     for i in range(layers):

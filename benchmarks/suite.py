@@ -60,9 +60,10 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-import normflux  # noqa: E402
 import peers  # noqa: E402
 from peers import Handle  # noqa: E402
+
+import normflux  # noqa: E402
 
 PERTURB_STD = 0.05
 OURS = "normflux"
@@ -567,7 +568,8 @@ def write_results(path: Path, key: str, body: str) -> None:
 # ============================================================================ profiling
 def profile(bench: Benchmark, rows: int, seconds: float) -> str:
     """``torch.profiler`` table of the normflux step(s) of ``bench`` by self CPU time."""
-    from torch.profiler import ProfilerActivity, profile as tprofile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprofile
     out = []
     x = bench.make_data(torch.Generator().manual_seed(0))
     for mode in bench.modes:

@@ -17,10 +17,29 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from normflux.transforms import (ActNorm, Additive, Affine, BatchNorm, Chain, CircularShift, Coupling,
-                                 Domain, Inverse, LULinear, MaskedAutoregressive, Permutation, Planar,
-                                 Radial, RQSpline, Sylvester, Transform, as_domains, circle, interval,
-                                 real)
+from normflux.transforms import (
+    ActNorm,
+    Additive,
+    Affine,
+    BatchNorm,
+    Chain,
+    CircularShift,
+    Coupling,
+    Domain,
+    Inverse,
+    LULinear,
+    MaskedAutoregressive,
+    Permutation,
+    Planar,
+    Radial,
+    RQSpline,
+    Sylvester,
+    Transform,
+    as_domains,
+    circle,
+    interval,
+    real,
+)
 
 CTX = 4  # context width of every conditional layer in the registry
 

@@ -16,8 +16,13 @@ import torch
 pytest.importorskip("sklearn")
 
 from normflux.data import digits  # noqa: E402
-from normflux.data.digits import (LEVELS, bits_per_dim, dequantize,  # noqa: E402
-                                  independent_pixel_baseline, load_digits_split)
+from normflux.data.digits import (  # noqa: E402
+    LEVELS,
+    bits_per_dim,
+    dequantize,
+    independent_pixel_baseline,
+    load_digits_split,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,10 +223,10 @@ class _Captured(Exception):
 def test_normflux_rows_are_the_cli_command(bench, family, tmp_path, monkeypatch):
     """The normflux row of each family trains exactly what ``normflux train --data digits
     --model FAMILY`` trains: same weights, standardisation, data and fit_to_data call."""
+    import inspect
+
     import normflux.training
     from normflux.cli import build_parser
-
-    import inspect
 
     defaults = inspect.signature(normflux.training.fit_to_data).parameters
     calls = []

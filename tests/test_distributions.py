@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from helpers import jitter_
 from torch import distributions as td
 
 import normflux as nf
-from helpers import jitter_
 
 F64 = torch.float64
 PI = math.pi

@@ -11,10 +11,10 @@ import pickle
 
 import pytest
 import torch
+from helpers import CONDITIONAL_LAYERS, CTX, LAYER_BY_NAME, build, jitter_, seeded
 from torch import nn
 
 import normflux as nf
-from helpers import CONDITIONAL_LAYERS, CTX, LAYER_BY_NAME, build, jitter_, seeded
 from normflux.transforms import Transform
 
 F32, F64 = torch.float32, torch.float64

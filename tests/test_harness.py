@@ -3,7 +3,6 @@ layer and catches each kind of broken layer, naming the failed check in its repo
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch import nn

@@ -7,11 +7,21 @@ import math
 
 import pytest
 import torch
+from helpers import jacobian_logdet, jitter_, seeded, wrap_angle
 
 import normflux
-from helpers import jacobian_logdet, jitter_, seeded, wrap_angle
-from normflux.transforms import (Chain, CircularShift, Coupling, Inverse, MaskedAutoregressive,
-                                 RQSpline, circle, rational_quadratic_spline, real, spline_knots)
+from normflux.transforms import (
+    Chain,
+    CircularShift,
+    Coupling,
+    Inverse,
+    MaskedAutoregressive,
+    RQSpline,
+    circle,
+    rational_quadratic_spline,
+    real,
+    spline_knots,
+)
 
 F32, F64 = torch.float32, torch.float64
 EPS32 = torch.finfo(F32).eps

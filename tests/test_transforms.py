@@ -7,14 +7,36 @@ import math
 
 import pytest
 import torch
+from helpers import (
+    CTX,
+    LAYER_BY_NAME,
+    LAYERS,
+    build,
+    inputs,
+    jacobian_logdet,
+    jitter_,
+    sample_domain,
+)
 
 import normflux
-from helpers import (CTX, LAYER_BY_NAME, LAYERS, build, inputs, jacobian_logdet, jitter_,
-                     sample_domain)
 from normflux.testing import check_transform
-from normflux.transforms import (Additive, Affine, Chain, CircularShift, Coupling, DomainSpec,
-                                 Inverse, MaskedAutoregressive, Permutation, RQSpline, Transform,
-                                 circle, interval, make_mask, real)
+from normflux.transforms import (
+    Additive,
+    Affine,
+    Chain,
+    CircularShift,
+    Coupling,
+    DomainSpec,
+    Inverse,
+    MaskedAutoregressive,
+    Permutation,
+    RQSpline,
+    Transform,
+    circle,
+    interval,
+    make_mask,
+    real,
+)
 
 NAMES = [s.name for s in LAYERS]
 SPLINE_NAMES = [s.name for s in LAYERS if s.spline]

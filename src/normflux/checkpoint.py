@@ -177,11 +177,20 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         flow = models.build(**config)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"cannot rebuild the model of {str(path)!r}: {e}") from e
+    state = payload.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{str(path)!r} has no weights (its 'state_dict' entry is "
+                              f"{type(state).__name__}, not a dict)")
     try:
-        flow.load_state_dict(payload["state_dict"], strict=True)
-    except (RuntimeError, KeyError) as e:
+        flow.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, TypeError) as e:
+        detail = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         raise CheckpointError(f"the weights in {str(path)!r} do not fit its configuration: "
-                              f"{str(e).splitlines()[0]}") from e
+                              f"{detail}") from e
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{str(path)!r} has non-finite weights in {bad[:3]}")
     flow.to(map_location)
     flow.eval()
     return flow, payload.get("extra") or {}

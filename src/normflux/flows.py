@@ -74,9 +74,11 @@ class Flow(nn.Module):
         if x.dtype != self._dtype():
             raise ValueError(f"x has dtype {x.dtype} but the flow is {self._dtype()}; "
                              f"convert one of them (x.to({self._dtype()}) or flow.to({x.dtype}))")
-        if not is_compiling() and bool(torch.isnan(x).any()):
-            rows = torch.isnan(x.reshape(-1, math.prod(ev))).any(-1).nonzero().flatten()
-            raise ValueError(f"x contains NaN (rows {rows[:5].tolist()}"
+        if not is_compiling() and not bool(torch.isfinite(x).all()):
+            bad = ~torch.isfinite(x.reshape(-1, math.prod(ev)))
+            rows = bad.any(-1).nonzero().flatten()
+            what = "NaN" if bool(torch.isnan(x).any()) else "Inf"
+            raise ValueError(f"x contains {what} (non-finite values in rows {rows[:5].tolist()}"
                              f"{' ...' if len(rows) > 5 else ''})")
         batch = tuple(x.shape[:x.dim() - len(ev)])
         return x.reshape(-1, *ev), batch
@@ -110,8 +112,9 @@ class Flow(nn.Module):
             raise ValueError(f"context batch shape {cb} does not match the input batch shape "
                              f"{batch}: they must be equal, or the context must have size 1 "
                              "where they differ")
-        if not is_compiling() and bool(torch.isnan(context).any()):
-            raise ValueError("context contains NaN")
+        if not is_compiling() and not bool(torch.isfinite(context).all()):
+            what = "NaN" if bool(torch.isnan(context).any()) else "Inf"
+            raise ValueError(f"context contains {what}")
         return context.expand(*batch, C).reshape(-1, C)
 
     def _base_context(self, context: Tensor | None) -> Tensor | None:

@@ -25,10 +25,10 @@ from .transforms.autoregressive import MaskedAutoregressive
 from .transforms.base import Chain, Inverse, Transform
 from .transforms.bijections import Affine, RQSpline
 from .transforms.coupling import Coupling
-from .transforms.linear import LULinear
-from .transforms.planar import Planar, Radial, Sylvester
 from .transforms.domains import Domain, as_domains, interval
+from .transforms.linear import LULinear
 from .transforms.permutations import CircularShift, Permutation
+from .transforms.planar import Planar, Radial, Sylvester
 
 __all__ = ["build", "register", "MODELS", "ModelFlow", "Standardize", "LayerSpec",
            "fit_standardization", "domains_to_config", "domains_from_config", "base_for",
@@ -485,6 +485,13 @@ def base_for(domains: Sequence[Domain]) -> BaseDistribution:
     return parts[0] if len(parts) == 1 else Product(parts)
 
 
+def _integer(name: str, value) -> int:
+    """``value`` as an int; ValueError for non-integral numbers, bools and other types."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
 def build(name: str, features: int, *, context: int | None = None, layers: int = 8,
           hidden: Sequence[int] | int = (64, 64), bins: int = 8, tail_bound: float = 3.0,
           domains=None, permutation: str = "random", standardize: bool = False,
@@ -521,7 +528,20 @@ def build(name: str, features: int, *, context: int | None = None, layers: int =
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
-    features = int(features)
+    features = _integer("features", features)
+    layers = _integer("layers", layers)
+    bins = _integer("bins", bins)
+    if context is not None:
+        context = _integer("context", context)
+    if isinstance(hidden, str) or not isinstance(hidden, (int, Sequence)) or isinstance(hidden, bool):
+        raise ValueError(f"hidden must be an int or a sequence of ints, got {hidden!r}")
+    hidden = [_integer("hidden", h) for h in ([hidden] * 2 if isinstance(hidden, int) else hidden)]
+    if not math.isfinite(float(tail_bound)) or float(tail_bound) <= 0:
+        raise ValueError(f"tail_bound must be a positive finite number, got {tail_bound!r}")
+    if permutation not in ("random", "reverse", "none"):
+        raise ValueError(f"permutation must be 'random', 'reverse' or 'none', got {permutation!r}")
+    if not isinstance(standardize, bool):
+        raise ValueError(f"standardize must be True or False, got {standardize!r}")
     if features < 2:
         raise ValueError(f"flow models need at least 2 features, got {features}")
     if int(layers) < 1:

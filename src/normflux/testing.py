@@ -69,8 +69,8 @@ def _jacobian_ladj(t: Transform, x: Tensor, context: Tensor | None, inverse: boo
         xi = x[i:i + 1]
         ci = _ctx(context, slice(i, i + 1)) if context is not None and context.shape[0] > 1 else context
 
-        def g(v, ci=ci):
-            return f(v.reshape(xi.shape), ci)[0].reshape(-1)
+        def g(v, ci=ci, shape=xi.shape):
+            return f(v.reshape(shape), ci)[0].reshape(-1)
 
         J = torch.autograd.functional.jacobian(g, xi.reshape(-1))
         out.append(torch.linalg.slogdet(J)[1])
@@ -129,13 +129,20 @@ def check_transform(transform: Transform, example_input: Tensor, context: Tensor
 
     Raises:
         TransformCheckError: a check failed and ``raise_on_failure``.
-        ValueError: ``example_input`` has batch < 2.
+        ValueError: ``example_input`` has batch < 2, or a dtype other than the
+            transform's.
         Exception: whatever the first, unguarded ``forward``/``inverse`` call on
             ``example_input`` raises (the individual checks catch their own errors and
             report them as failures).
     """
     if example_input.shape[0] < 2:
         raise ValueError("example_input needs a batch of at least 2 rows")
+    dtypes = {p.dtype for p in transform.parameters()} | {
+        b.dtype for b in transform.buffers() if b.is_floating_point()}
+    if dtypes and example_input.dtype not in dtypes:
+        raise ValueError(f"check_transform: the transform is {sorted(map(str, dtypes))} but "
+                         f"example_input is {example_input.dtype}; convert one of them "
+                         "(e.g. transform.double() with a float64 input)")
     t = transform
     x = example_input
     report = CheckReport(type(t).__name__)

@@ -103,6 +103,15 @@ def _step(flow: nn.Module, loss: Tensor, opt, sched, clip: float | None, *, wher
 
 
 @torch.no_grad()
+def _check_finite(t: Tensor, name: str) -> None:
+    """Raise a ValueError naming the first rows of ``t`` with NaN/Inf (or float overflow)."""
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        rows = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(-1).nonzero().flatten()
+        raise ValueError(f"{name} contains NaN or Inf (rows {rows[:5].tolist()}"
+                         f"{' ...' if len(rows) > 5 else ''}); values beyond the float range "
+                         "overflow to Inf")
+
+
 def evaluate_nll(flow: nn.Module, data: Tensor, context: Tensor | None = None,
                  batch_size: int = 4096) -> float:
     """Mean negative log-likelihood ``-mean log p(x | c)`` in nats per example.
@@ -126,6 +135,10 @@ def evaluate_nll(flow: nn.Module, data: Tensor, context: Tensor | None = None,
     flow.eval()
     try:
         total = 0.0
+        if data.shape[0] == 0:
+            raise ValueError("evaluate_nll needs at least one row of data, got an empty tensor")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         for i in range(0, data.shape[0], batch_size):
             xb = data[i:i + batch_size].to(device=device, dtype=dtype)
             cb = None if context is None else context[i:i + batch_size].to(device=device, dtype=dtype)
@@ -196,6 +209,15 @@ def fit_to_data(flow: nn.Module, data: Tensor, context: Tensor | None = None, *,
         raise ValueError(f"data has {N} rows but context has {context.shape[0]}")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    if N == 0:
+        raise ValueError("fit_to_data needs at least one row of data, got an empty tensor")
+    if clip is not None and not clip > 0:
+        raise ValueError(f"clip must be a positive gradient norm or None, got {clip}")
+    if patience is not None and patience < 1:
+        raise ValueError(f"patience must be >= 1 or None, got {patience}")
+    _check_finite(data, "data")
+    if context is not None:
+        _check_finite(context, "context")
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     dtype, device = _param_info(flow)

@@ -6,8 +6,8 @@ from .coupling import Coupling, make_mask
 from .domains import Domain, DomainSpec, as_domains, circle, interval, real
 from .linear import LULinear
 from .normalization import ActNorm, BatchNorm
-from .planar import Planar, Radial, Sylvester
 from .permutations import CircularShift, Permutation
+from .planar import Planar, Radial, Sylvester
 from .splines import rational_quadratic_spline, spline_knots
 
 __all__ = [

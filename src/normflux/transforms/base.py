@@ -101,8 +101,23 @@ class Transform(nn.Module):
         raise NotImplementedError
 
     def _check(self, x: Tensor, context: Tensor | None) -> None:
-        """Check ``context`` against ``self.context_features`` (shape checks only)."""
-        check_context(context, self.context_features, x.shape[0], type(self).__name__)
+        """Check the input's shape and ``context`` (shape checks only: free under compile).
+
+        Raises:
+            TypeError: ``x`` is not a tensor.
+            ValueError: ``x`` is not ``(batch, D)`` (or ``(batch, C, H, W)``) with ``D``
+                the layer's ``features`` where it has one; a bad context.
+        """
+        name = type(self).__name__
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} expects a torch.Tensor input, got {type(x).__name__}")
+        if x.dim() < 2:
+            raise ValueError(f"{name} expects an input of shape (batch, ...), got {tuple(x.shape)}")
+        features = getattr(self, "features", None)
+        if isinstance(features, int) and x.shape[1] != features:
+            raise ValueError(f"{name} expects {features} features in dimension 1, got input of "
+                             f"shape {tuple(x.shape)}")
+        check_context(context, self.context_features, x.shape[0], name)
 
 
 class Chain(Transform):

@@ -9,14 +9,11 @@ layer) owns the network. A new bijection (a sum-of-squares polynomial, say) need
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .domains import CIRCLE, DomainSpec
 from .base import is_compiling
+from .domains import DomainSpec
 from .fused_spline import fused_rq_spline
 from .splines import rational_quadratic_spline, spline_knots
 
@@ -77,8 +74,9 @@ class Affine(Bijection):
     The raw scale output ``r`` is squashed as ``s = bound * tanh(r / bound)``, so that
     ``|log-scale| <= bound`` and no unbounded output is exponentiated (the "stable scale"
     of Real NVP / Glow implementations: Dinh et al. 2017 bound the scale network's output
-    with a tanh, Kingma & Dhariwal 2018 use a sigmoid for the same purpose). ``params[..., 0]`` is the shift ``t``,
-    ``params[..., 1]`` the raw scale ``r``. Real coordinates only.
+    with a tanh, Kingma & Dhariwal 2018 use a sigmoid for the same purpose).
+    ``params[..., 0]`` is the shift ``t``, ``params[..., 1]`` the raw scale ``r``. Real
+    coordinates only.
 
     Arguments:
         log_scale_bound: the bound on ``|s|`` (default 3, a factor of e^3 ~ 20 per layer).

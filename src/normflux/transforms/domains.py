@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._constants import ConstantsMixin
 

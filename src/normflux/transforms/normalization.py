@@ -108,7 +108,14 @@ class ActNorm(Transform):
 
         Arguments:
             x: ``(batch, C)`` or ``(batch, C, *spatial)``.
+
+        Raises:
+            ValueError: an empty batch, or NaN/Inf in ``x`` (the layer stays uninitialised).
         """
+        if x.shape[0] == 0:
+            raise ValueError("ActNorm cannot initialise from an empty batch")
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("ActNorm cannot initialise from a batch containing NaN or Inf")
         count, total, total_sq = self.statistics(x)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             stats = torch.cat([count[None], total, total_sq])
@@ -117,7 +124,7 @@ class ActNorm(Transform):
         self.initialize_from_statistics(count, total, total_sq)
 
     def _ladj(self, x: Tensor) -> Tensor:
-        spatial = x[0, 0].numel()
+        spatial = x[0, 0].numel() if x.shape[0] else int(torch.tensor(x.shape[2:]).prod())
         return (-spatial * self.log_scale.sum()).expand(x.shape[0])
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -36,9 +36,15 @@ class Permutation(Transform):
 
     def __init__(self, perm: Tensor | Sequence[int]):
         super().__init__()
-        perm = torch.as_tensor(perm, dtype=torch.long)
+        raw = torch.as_tensor(perm)
+        if raw.is_floating_point() and not torch.equal(raw, raw.round()):
+            raise ValueError(f"a permutation needs integer indices, got {raw.tolist()}")
+        perm = raw.to(torch.long)
         if perm.dim() != 1 or not torch.equal(torch.sort(perm).values, torch.arange(perm.numel())):
             raise ValueError(f"not a permutation of 0..{perm.numel() - 1}: {perm.tolist()}")
+        if perm.numel() == 0:
+            raise ValueError("a permutation needs at least one coordinate")
+        self.features = perm.numel()
         self.register_buffer("perm", perm)
         self.register_buffer("inv_perm", torch.argsort(perm))
 
@@ -95,6 +101,7 @@ class CircularShift(ConstantsMixin, Transform):
     def __init__(self, domains: Sequence[DomainLike], shift: float = math.pi):
         super().__init__()
         self.spec = DomainSpec(as_domains(domains, len(domains)))
+        self.features = len(domains)
         if not self.spec.any_circular:
             raise ValueError("CircularShift needs at least one circular coordinate")
         self.shift = float(shift)

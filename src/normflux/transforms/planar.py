@@ -305,7 +305,7 @@ class Sylvester(Transform):
                 pre_j = (Rt[:, i + 1:, :] @ v[..., None])[..., 0] + b[:, i + 1:]
                 ci = c[:, i] - (R[:, i, i + 1:] * torch.tanh(pre_j)).sum(-1)
 
-                def g(t):
+                def g(t, rii=rii, rtii=rtii, e=e, ci=ci):
                     return t + rii * torch.tanh(rtii * t + e) - ci
 
                 lo, hi = ci - rii.abs() - 1e-6, ci + rii.abs() + 1e-6
