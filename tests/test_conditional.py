@@ -4,16 +4,13 @@ import math
 
 import pytest
 import torch
+from helpers import jitter_
 
 import normflux as nf
 
 
 def _jitter(module, scale=0.1, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
+    return jitter_(module, scale, torch.Generator().manual_seed(seed))
 
 
 def _c11_flow(C=4, D=2):

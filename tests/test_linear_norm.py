@@ -4,17 +4,14 @@ import io
 
 import pytest
 import torch
+from helpers import jitter_
 
 import normflux as nf
 from normflux.testing import check_transform
 
 
 def _jitter(module, scale=0.3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
+    return jitter_(module, scale, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
