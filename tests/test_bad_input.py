@@ -117,3 +117,12 @@ def test_distribution_broadcasts_one_event_over_contexts():
     lp = d.log_prob(torch.zeros(2))
     assert lp.shape == (4,)
     assert torch.allclose(lp, flow.log_prob(torch.zeros(4, 2), d.context))
+
+
+def test_plot_samples_handles_one_dimension(tmp_path):
+    import numpy as np
+
+    from normflux.plotting import plot_samples
+    rng = np.random.default_rng(0)
+    out = plot_samples(rng.normal(size=(200, 1)), rng.normal(size=(200, 1)), tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 1000 and str(out).endswith("s.png")

@@ -151,8 +151,8 @@ def plot_samples(data, samples, path: str | os.PathLike, *, title: str | None = 
       first 64 data rows and the first 64 samples, on the data's grey scale (samples are
       clipped to the data range);
     * ``D = 2``: two scatter plots with the same axes;
-    * other ``D >= 2``: scatter plots of the first two coordinates (``D = 1`` is not
-      supported).
+    * ``D = 1``: overlaid histograms of data and samples;
+    * other ``D >= 2``: scatter plots of the first two coordinates.
 
     Arguments:
         data: ``(N, D)`` array or tensor.
@@ -166,7 +166,6 @@ def plot_samples(data, samples, path: str | os.PathLike, *, title: str | None = 
 
     Raises:
         ValueError: ``data`` and ``samples`` are not 2-D with the same ``D``.
-        IndexError: ``D = 1`` (the scatter plot needs two coordinates).
         OSError: the directory or file cannot be written.
     """
     data, samples = _numpy(data), _numpy(samples)
@@ -188,6 +187,14 @@ def plot_samples(data, samples, path: str | os.PathLike, *, title: str | None = 
             ax.imshow(m, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
             ax.set_title(f"{name} ({min(len(arr), 64)} of {len(arr)})")
             ax.axis("off")
+    elif D == 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        both = np.concatenate([data[:, 0], samples[:, 0]])
+        bins = np.linspace(*np.percentile(both, [0.5, 99.5]), 60)
+        ax.hist(data[:, 0], bins=bins, density=True, alpha=0.5, label="data")
+        ax.hist(samples[:, 0], bins=bins, density=True, alpha=0.5, label="samples")
+        ax.set_xlabel("x[0]")
+        ax.legend()
     else:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), sharex=True, sharey=True)
         both = np.concatenate([data[:, :2], samples[:, :2]])
