@@ -27,25 +27,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .splines import _rq_forward, _rq_inverse, _rq_partials, rational_quadratic_spline, spline_knots
+from .splines import (
+    _knots,
+    _rq_forward,
+    _rq_inverse,
+    _rq_partials,
+    _softmax_floor,
+    rational_quadratic_spline,
+    spline_knots,
+)
 
 __all__ = ["fused_rq_spline"]
-
-
-def _fractions(u: Tensor, minimum: float) -> tuple[Tensor, Tensor]:
-    """Softmax ``p`` over the last axis and the floored fractions ``minimum + a p``."""
-    K = u.shape[-1]
-    e = torch.exp(u - u.amax(dim=-1, keepdim=True))
-    p = e / e.sum(dim=-1, keepdim=True)
-    return p, minimum + (1.0 - minimum * K) * p
-
-
-def _knots_from(f: Tensor, low: Tensor, high: Tensor) -> Tensor:
-    K = f.shape[-1]
-    inner = low[..., None] + (high - low)[..., None] * torch.cumsum(f[..., :K - 1], dim=-1)
-    lo = low[..., None].expand_as(f[..., :1])
-    hi = high[..., None].expand_as(f[..., :1])
-    return torch.cat([lo, inner, hi], dim=-1)
 
 
 def _reference(x, params, low, high, bins, mw, mh, md, inverse):
@@ -61,10 +53,10 @@ class _FusedRQ(torch.autograd.Function):
     def forward(x, params, low, high, bins, mw, mh, md, inverse):
         K = bins
         uw, uh, ud = params[..., :K], params[..., K:2 * K], params[..., 2 * K:]
-        pw, fw = _fractions(uw, mw)
-        ph, fh = _fractions(uh, mh)
-        xk = _knots_from(fw, low, high)
-        yk = _knots_from(fh, low, high)
+        pw, fw = _softmax_floor(uw, mw)
+        ph, fh = _softmax_floor(uh, mh)
+        xk = _knots(fw, low, high)
+        yk = _knots(fh, low, high)
         shift = math.log(math.expm1(1.0 - md))
         one = torch.ones_like(params[..., :1])
         dk = torch.cat([one, md + F.softplus(ud + shift), one], dim=-1)
