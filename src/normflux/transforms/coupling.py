@@ -134,10 +134,8 @@ class Coupling(Transform):
         mask = self.mask
         idx_b = torch.nonzero(mask).flatten()
         idx_a = torch.nonzero(~mask).flatten()
-        order = torch.cat([idx_a, idx_b])
         self.register_buffer("idx_a", idx_a, persistent=False)
         self.register_buffer("idx_b", idx_b, persistent=False)
-        self.register_buffer("inv_order", torch.argsort(order), persistent=False)
         old = getattr(self, "spec_b", None)
         dtype = old.low.dtype if old is not None else torch.get_default_dtype()
         self.spec_a = DomainSpec([self.domains[i] for i in idx_a.tolist()]).to(mask.device, dtype)
@@ -159,7 +157,7 @@ class Coupling(Transform):
         params = self._params(x_a, context)
         f = self.bijection.inverse if inverse else self.bijection.forward
         y_b, lad = f(x_b, params, self.spec_b)
-        y = torch.cat([x_a, y_b], dim=1)[:, self.inv_order]
+        y = x.index_copy(1, self.idx_b, y_b)  # functional: x with the B columns replaced
         return y, lad.sum(dim=1)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
