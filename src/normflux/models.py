@@ -423,23 +423,26 @@ def _nsf_ar(spec: LayerSpec):
                                  linear=True)
 
 
+def _stack_of(name: str, spec: LayerSpec, layer) -> tuple[list[Transform], tuple[Domain, ...]]:
+    """``spec.layers`` copies of a whole-vector layer ``layer(features, context_features=...)``
+    (no mixing between them); real coordinates only, no options."""
+    _real_only(name, spec)
+    _no_options(name, spec)
+    return [layer(spec.features, context_features=spec.context) for _ in range(spec.layers)], \
+        spec.domains
+
+
 @register("planar")
 def _planar(spec: LayerSpec):
     """Planar flow (Rezende & Mohamed 2015): ``layers`` planar maps (``hidden`` is unused);
     conditional on the context when ``context`` is given. Real coordinates only."""
-    _real_only("planar", spec)
-    _no_options("planar", spec)
-    return [Planar(spec.features, context_features=spec.context) for _ in range(spec.layers)], \
-        spec.domains
+    return _stack_of("planar", spec, Planar)
 
 
 @register("radial")
 def _radial(spec: LayerSpec):
     """Radial flow (Rezende & Mohamed 2015): ``layers`` radial maps. Real coordinates only."""
-    _real_only("radial", spec)
-    _no_options("radial", spec)
-    return [Radial(spec.features, context_features=spec.context) for _ in range(spec.layers)], \
-        spec.domains
+    return _stack_of("radial", spec, Radial)
 
 
 @register("sylvester")

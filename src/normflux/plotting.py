@@ -25,6 +25,16 @@ from mpl_toolkits.mplot3d import Axes3D  # noqa: E402,F401 - registers the 3-D p
 __all__ = ["plot_cylinder", "plot_samples", "cylinder_grid"]
 
 
+
+def _finish(fig, path, title):
+    """Add the optional title, lay out, write the PNG and close the figure; returns ``path``."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
 def _numpy(a) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         return a.detach().cpu().double().numpy()
@@ -125,12 +135,7 @@ def plot_cylinder(target, flow, path: str | os.PathLike, *, grid: int = 200,
         ax.set_box_aspect((2.2, 1, 1))
         ax.view_init(elev=25, azim=-60)
         ax.set_title(f"{names[k]} density on the cylinder")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, title)
 
 
 def _montage(images: np.ndarray, side: int, rows: int, cols: int, pad: int = 1) -> np.ndarray:
@@ -208,9 +213,4 @@ def plot_samples(data, samples, path: str | os.PathLike, *, title: str | None = 
             ax.set_ylabel("x[1]")
         axes[0].set_xlim(lo[0] - 0.1 * span[0], hi[0] + 0.1 * span[0])
         axes[0].set_ylim(lo[1] - 0.1 * span[1], hi[1] + 0.1 * span[1])
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, path, title)
