@@ -280,6 +280,21 @@ def perturb(module: nn.Module, gen: torch.Generator, std: float = PERTURB_STD) -
             p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * std)
 
 
+def figure_id(bench: Benchmark, mode: str) -> str:
+    """``"B1-train"``, ``"B1-sample"``, ... (``train_adam`` is reported as ``train``)."""
+    return f"{bench.id}-{'sample' if mode == 'sample' else 'train'}"
+
+
+def configure_torch() -> None:
+    """The suite's process settings: one intra-op and one inter-op thread, float32."""
+    torch.set_num_threads(1)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set (or parallel work has started)
+        pass
+    torch.set_default_dtype(torch.float32)
+
+
 def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -375,7 +390,7 @@ def build_figures(bench: Benchmark, libs: Sequence[str], compile_: bool,
     """Build every candidate of every figure of ``bench`` (models, data, steps) and warm up."""
     figs = []
     for mode in bench.modes:
-        fig = Figure(f"{bench.id}-{'sample' if mode == 'sample' else 'train'}", bench, mode)
+        fig = Figure(figure_id(bench, mode), bench, mode)
         x = bench.make_data(torch.Generator().manual_seed(0))
         candidates: list[tuple[str, str, bool]] = [(lib, lib, False) for lib in libs]
         if compile_:
@@ -545,7 +560,8 @@ median): below 1 means normflux is faster. "bare" is the conditioner networks al
 the same number of passes (the limit a flow library can approach). CPU time
 (`time.process_time`) is the primary figure: wall time is only meaningful on an otherwise
 idle machine (on a shared one it runs up to ~2x the CPU time). Compile times are the
-wall time of the first call (cold: the inductor caches are disabled). Each section
+wall time of the first call (cold: the inductor caches are disabled). The `memory`
+sections come from `benchmarks/memory.py` and are in MiB (see its docstring). Each section
 below is replaced when the same mode is run again.
 
 Peer models (same architecture and parameter count; what each library needs):
@@ -582,7 +598,7 @@ def profile(bench: Benchmark, rows: int, seconds: float) -> str:
         with tprofile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(n):
                 step()
-        name = f"{bench.id}-{'sample' if mode == 'sample' else 'train'}"
+        name = figure_id(bench, mode)
         ev = prof.key_averages()
         ops = sum(e.count for e in ev if e.key.startswith("aten::")) / n
         self_ms = sum(e.self_cpu_time_total for e in ev) / n / 1e3
@@ -618,12 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--rows", type=int, default=15, help="profile rows (default 15)")
     args = ap.parse_args(argv)
 
-    torch.set_num_threads(1)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
-    torch.set_default_dtype(torch.float32)
+    configure_torch()
     ids = [s.strip().upper() for s in args.only.split(",") if s.strip()]
     unknown = [i for i in ids if i not in BENCHMARKS]
     if unknown:

@@ -1,8 +1,11 @@
-"""Tests of the speed suite ``benchmarks/suite.py`` (issue 4).
+"""Tests of the speed suite ``benchmarks/suite.py`` and the memory benchmark
+``benchmarks/memory.py`` (issue 4).
 
 Fast: the normflux builders produce the documented architectures, with the parameter
-counts of the peers' (identical) architectures and of the bare networks. Slow: a smoke
-run of ``suite.py --quick --only B4`` whose JSON lines parse.
+counts of the peers' (identical) architectures and of the bare networks; the memory
+benchmark's figure selection, peak arithmetic, allocator events and table. Slow: smoke
+runs of ``suite.py --quick --only B4`` and ``memory.py --quick --only B4`` (normflux only)
+whose JSON lines parse.
 """
 
 from __future__ import annotations
@@ -18,17 +21,19 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "suite.py"
+MEMORY = ROOT / "benchmarks" / "memory.py"
 
 
-def _load_suite():
-    spec = importlib.util.spec_from_file_location("normflux_bench_suite", SUITE)
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
 
 
-suite = _load_suite()
+suite = _load("normflux_bench_suite", SUITE)
+memory = _load("normflux_bench_memory", MEMORY)
 import normflux  # noqa: E402
 from normflux.nets import MADE  # noqa: E402
 
@@ -139,3 +144,64 @@ def test_quick_b4_smoke():
     assert all(r["finite"].values()) and not r["errors"]
     assert r["threads"] == 1
     assert "| B4-train |" in proc.stdout
+
+
+# ---------------------------------------------------------------------------- memory.py
+def test_memory_figure_selection():
+    assert memory.select_figures("B1,B2,B3,B4") == [
+        "B1-train", "B1-sample", "B2-train", "B2-sample", "B3-train", "B3-sample", "B4-train"]
+    assert memory.select_figures("b4, B1-sample") == ["B1-sample", "B4-train"]
+    with pytest.raises(ValueError):
+        memory.select_figures("B9")
+
+
+def test_memory_running_peak():
+    assert memory.running_peak([]) == (0, 0)
+    assert memory.running_peak([-5, 3, 10, -10, 4]) == (8, 2)
+    assert memory.running_peak([4, -4], start=10) == (14, 10)
+
+
+def test_memory_allocator_events_are_exact():
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        a = torch.empty(1000, 250)  # 1,000,000 bytes
+        b = torch.empty(500)  # 2,000 bytes
+        del a
+        c = torch.empty(100)
+        del b, c
+    assert memory.running_peak(memory.allocator_deltas(prof)) == (1_002_000, 0)
+
+
+def test_memory_table_ratio():
+    mib = memory.MIB
+    recs = [{"figure": "B1-train", "library": "normflux", "step_peak_bytes": 2 * mib},
+            {"figure": "B1-train", "library": "nflows", "step_peak_bytes": 5 * mib},
+            {"figure": "B1-train", "library": "zuko", "step_peak_bytes": 4 * mib},
+            {"figure": "B1-train", "library": "normflows", "error": "RuntimeError: x"}]
+    table = memory.markdown(recs, "step_peak_bytes")
+    assert table.splitlines()[0] == (
+        "| figure | normflux | normflows | nflows | zuko | ours / lowest peer |")
+    assert table.splitlines()[2] == "| B1-train | 2.0 | err | 5.0 | 4.0 | 0.50 |"
+
+
+@pytest.mark.slow
+def test_memory_quick_b4_normflux(tmp_path):
+    out = tmp_path / "results.md"
+    proc = subprocess.run([sys.executable, str(MEMORY), "--quick", "--only", "B4", "--libs", "",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert [(r["figure"], r["library"]) for r in records] == [("B4-train", "normflux")]
+    r = records[0]
+    assert "error" not in r and r["finite"] and r["threads"] == 1 and r["warmup"] == 1
+    assert r["params"] == suite.EXPECTED_PARAMS["B4"]
+    # parameters, gradients and Adam's two moments are live when the step starts
+    assert r["live_start_bytes"] >= 4 * 4 * suite.EXPECTED_PARAMS["B4"]
+    # the step holds at least one (batch, 64) float32 activation per layer for backward
+    assert r["step_peak_bytes"] >= 16 * 512 * 64 * 4
+    assert r["live_peak_bytes"] == r["live_start_bytes"] + r["step_peak_bytes"]
+    assert r["rss_steps_bytes"] >= 0 and r["rss_peak_bytes"] > r["rss_built_bytes"] > 0
+    assert "| B4-train |" in proc.stdout
+    text = out.read_text()
+    assert "<!-- run:memory B4-train -->" in text and "ours / lowest peer" in text

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .mlp import _linear_t
+
 __all__ = ["MADE", "MaskedLinear", "autoregressive_order"]
 
 
@@ -113,6 +115,9 @@ class MADE(nn.Module):
         activation: activation class (default ``nn.ReLU``).
         zero_init: zero the output layer (identity flows at initialisation).
         generator: random generator for ``order="random"``.
+        transposed_output: compute the output layer as ``W h^T + b``: the same values
+            and shapes, in memory layout ``(D, P, batch)`` (``(P, batch)`` for
+            :meth:`forward_feature`), which spline layers read without a copy.
 
     Shapes:
         ``forward(x (batch, n_in), context (batch, C)) -> (batch, D, P)``.
@@ -128,8 +133,9 @@ class MADE(nn.Module):
                  order: str | Sequence[int] | Tensor = "sequential",
                  input_index: Tensor | None = None, residual: bool = False,
                  activation: type[nn.Module] = nn.ReLU, zero_init: bool = True,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, transposed_output: bool = False):
         super().__init__()
+        self.transposed_output = bool(transposed_output)
         if isinstance(hidden_features, int):
             hidden_features = (hidden_features, hidden_features)
         hidden = tuple(int(h) for h in hidden_features)
@@ -224,7 +230,11 @@ class MADE(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``(batch, n_in)`` (+ context ``(batch, C)``) -> ``(batch, D, P)``."""
         h = self.hidden(x, context)
-        return self.head(h).view(x.shape[0], self.features, self.params_per_feature)
+        if self.transposed_output:
+            out = _linear_t(h, self.head.weight * self.head.mask, self.head.bias)
+        else:
+            out = self.head(h)
+        return out.view(x.shape[0], self.features, self.params_per_feature)
 
     def forward_feature(self, h: Tensor, i: int, head_weight: Tensor | None = None) -> Tensor:
         """Parameters of coordinate ``i`` only from the hidden layer ``h``: ``(batch, P)``.
@@ -241,4 +251,7 @@ class MADE(nn.Module):
         P = self.params_per_feature
         rows = slice(i * P, (i + 1) * P)
         w = (self.head.weight[rows] * self.head.mask[rows]) if head_weight is None else head_weight[rows]
+        if self.transposed_output:
+            return _linear_t(h, w, self.head.bias[rows])
         return F.linear(h, w, self.head.bias[rows])
+

@@ -38,6 +38,10 @@ class MLP(nn.Module):
         activation: activation module class (default ``nn.ReLU``).
         residual: use residual blocks (two linear layers each).
         zero_init: zero the output layer's weight and bias.
+        transposed_output: compute the output layer as ``W h^T + b`` and return its
+            transpose: the same values and shape, in memory layout ``(out, batch)``.
+            Spline layers read their parameters from this layout without a copy (see
+            :func:`~normflux.transforms.fused_spline.fused_rq_spline`).
 
     Shapes:
         ``forward(x (batch, in), context (batch, C) or (1, C)) -> (batch, out)``.
@@ -51,7 +55,7 @@ class MLP(nn.Module):
     def __init__(self, in_features: int, out_features: int,
                  hidden_features: Sequence[int] | int = (64, 64),
                  context_features: int | None = None, activation: type[nn.Module] = nn.ReLU,
-                 residual: bool = False, zero_init: bool = True):
+                 residual: bool = False, zero_init: bool = True, transposed_output: bool = False):
         super().__init__()
         if isinstance(hidden_features, int):
             hidden_features = (hidden_features, hidden_features)
@@ -65,6 +69,7 @@ class MLP(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.context_features = context_features
+        self.transposed_output = bool(transposed_output)
         n_in = in_features + (context_features or 0)
         if n_in < 1:
             raise ValueError("MLP has neither input features nor context")
@@ -87,4 +92,12 @@ class MLP(nn.Module):
             if context.shape[0] != x.shape[0]:
                 context = context.expand(x.shape[0], -1)
             x = torch.cat([x, context], dim=-1) if self.in_features else context
-        return self.head(self.body(x))
+        h = self.body(x)
+        if self.transposed_output:
+            return _linear_t(h, self.head.weight, self.head.bias)
+        return self.head(h)
+
+
+def _linear_t(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``F.linear(h, weight, bias)`` computed as ``(W h^T + b)^T``: memory ``(out, batch)``."""
+    return torch.addmm(bias[:, None], weight, h.t()).t()

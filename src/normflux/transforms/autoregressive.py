@@ -79,7 +79,8 @@ class MaskedAutoregressive(Transform):
         in_idx = torch.cat([self.spec.other_idx, self.spec.circ_idx, self.spec.circ_idx])
         if made is None:
             made = MADE(D, P, hidden_features, context_features, order=order,
-                        input_index=in_idx, residual=residual, generator=generator)
+                        input_index=in_idx, residual=residual, generator=generator,
+                        transposed_output=bijection.batch_minor_params)
         elif not isinstance(made, nn.Module):
             made = made(D, P, context_features, in_idx)  # factory(features, P, C, input_index)
         if made.features != D or made.params_per_feature != P:

@@ -40,6 +40,9 @@ class Bijection(nn.Module):
     supported_domains: tuple[str, ...] = ("real",)
     #: ladj does not depend on x (a shortcut some layers use)
     constant_jacobian: bool = False
+    #: layers build their default conditioner with ``transposed_output`` (parameters in
+    #: memory layout ``(n, P, batch)``), which this bijection reads without a copy
+    batch_minor_params: bool = False
 
     def num_params(self, spec: DomainSpec) -> int:
         """Number ``P`` of parameters per coordinate for the coordinates of ``spec``.
@@ -176,6 +179,7 @@ class RQSpline(Bijection):
     """
 
     supported_domains = ("real", "interval", "circle")
+    batch_minor_params = True
 
     def __init__(self, bins: int = 8, tail_bound: float = 3.0, min_bin_width: float = 1e-3,
                  min_bin_height: float = 1e-3, min_derivative: float = 1e-3):

@@ -124,7 +124,8 @@ class Coupling(Transform):
         self.num_params = P
         n_in = self.spec_a.num_features()
         if conditioner is None:
-            conditioner = MLP(n_in, n_b * P, hidden_features, context_features)
+            conditioner = MLP(n_in, n_b * P, hidden_features, context_features,
+                              transposed_output=bijection.batch_minor_params)
         elif not isinstance(conditioner, nn.Module):
             conditioner = conditioner(n_in, n_b * P, context_features)
         self.conditioner = conditioner

@@ -66,14 +66,12 @@ def _knots(p: Tensor, minimum: float, low: Tensor, width: Tensor, high: Tensor) 
 
 
 class _FusedRQ(torch.autograd.Function):
-    """``(x (B, n), u (P, B, n)) -> (y, ladj)``; see the module docstring."""
+    """``(x (*S), u (P, *S)) -> (y, ladj)`` with the parameter axis leading; ``low`` and
+    ``high`` broadcast to ``S``. Any strides whose innermost axis is dense and long."""
 
     @staticmethod
-    def forward(ctx, x, params, low, high, bins, mw, mh, md, inverse):
+    def forward(ctx, x2, u, low, high, bins, mw, mh, md, inverse):
         K = bins
-        n = x.shape[-1]
-        x2 = x.reshape(-1, n)
-        u = params.reshape(-1, n, 3 * K - 1).permute(2, 0, 1).contiguous()
         width = high - low
         pw, ph = _probs(u[:K]), _probs(u[K:2 * K])
         xk = _knots(pw, mw, low, width, high)
@@ -82,7 +80,7 @@ class _FusedRQ(torch.autograd.Function):
         inside = (x2 >= low) & (x2 <= high)
         xs = torch.where(inside, x2, low)  # sanitised input for the unused branch
         # bin index: the number of interior knots <= xs (exact: see the module docstring)
-        kf = (xs - src[1:K]).ge_(0).sum(0, dtype=x.dtype)
+        kf = (xs - src[1:K]).ge_(0).sum(0, dtype=x2.dtype)
         i0 = kf.long()[None]
         i1 = i0 + 1
         x0, x1 = xk.gather(0, i0)[0], xk.gather(0, i1)[0]
@@ -99,28 +97,26 @@ class _FusedRQ(torch.autograd.Function):
         y, lad = (_rq_inverse if inverse else _rq_forward)(xs, x0, x1, y0, y1, d0, d1)
         y = torch.where(inside, y, x2)
         lad = lad.mul_(inside)
-        ctx.save_for_backward(x, params, low, high, y if inverse else x2, pw, ph, kf, x0, x1, y0, y1, d0, d1,
+        ctx.save_for_backward(x2, u, low, high, y if inverse else x2, pw, ph, kf, x0, x1, y0, y1, d0, d1,
                               s0, s1, not_first, not_last, inside)
         ctx.consts = (K, mw, mh, md, inverse)
-        return y.reshape(x.shape), lad.reshape(x.shape)
+        return y, lad
 
     @staticmethod
     def backward(ctx, gy, gl):
-        (x, params, low, high, xpt, pw, ph, kf, x0, x1, y0, y1, d0, d1, s0, s1, not_first,
+        (x, u, low, high, xpt, pw, ph, kf, x0, x1, y0, y1, d0, d1, s0, s1, not_first,
          not_last, inside) = ctx.saved_tensors
         K, mw, mh, md, inverse = ctx.consts
-        wrt = [t for t in (x, params) if t.requires_grad]
+        wrt = [t for t in (x, u) if t.requires_grad]
         if torch.is_grad_enabled() and wrt:
             # create_graph=True: differentiate the reference (exact higher derivatives)
             with torch.enable_grad():
-                y, lad = _reference(x, params, low, high, K, mw, mh, md, inverse)
+                y, lad = _reference(x, u.movedim(0, -1), low, high, K, mw, mh, md, inverse)
                 grads = iter(torch.autograd.grad((y, lad), wrt, (gy, gl), create_graph=True,
                                                  allow_unused=True))
             gx = next(grads) if x.requires_grad else None
-            gp = next(grads) if params.requires_grad else None
-            return gx, gp, None, None, None, None, None, None, None
-        n = x.shape[-1]
-        gy, gl = gy.reshape(-1, n), gl.reshape(-1, n)
+            gu = next(grads) if u.requires_grad else None
+            return gx, gu, None, None, None, None, None, None, None
         # the point in x-space where the forward map's partials are taken (in the box)
         xpt = torch.where(inside, xpt, x0)
         gy_in, gl_in = gy * inside, gl * inside
@@ -135,7 +131,7 @@ class _FusedRQ(torch.autograd.Function):
             grads, _, _ = _rq_partials(xpt, *theta, gy_in, gl_in)
             g_in, g_x0, g_x1, g_y0, g_y1, g_d0, g_d1 = grads
         g_input = torch.where(inside, g_in, gy)
-        g_u = torch.empty((3 * K - 1,) + kf.shape, dtype=gy.dtype, device=gy.device)
+        g_u = torch.empty_like(u)  # the strides of u: no copy in the layout's backward
         bins = torch.arange(K, dtype=gy.dtype, device=gy.device)[:, None, None]
         below = (kf - bins).clamp_(0, 1)         # [i < k]
         upto = (kf + 1 - bins).clamp_(0, 1)      # [i <= k]
@@ -152,8 +148,7 @@ class _FusedRQ(torch.autograd.Function):
         g_ud.scatter_add_(0, (i0 - 1).clamp_(min=0),
                           g_d0.mul(not_first).mul_(torch.sigmoid(s0))[None])
         g_ud.scatter_add_(0, i0.clamp(max=K - 2), g_d1.mul(not_last).mul_(torch.sigmoid(s1))[None])
-        g_params = g_u.permute(1, 2, 0).reshape(params.shape)
-        return g_input.reshape(x.shape), g_params, None, None, None, None, None, None, None
+        return g_input, g_u, None, None, None, None, None, None, None
 
 
 def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bins: int,
@@ -191,8 +186,17 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
         # single bin has no interior slope, and broadcast parameters are rare
         return _reference(x, params, low, high, bins, min_bin_width, min_bin_height,
                           min_derivative, inverse)
-    return _FusedRQ.apply(x, params, low, high, bins, min_bin_width, min_bin_height,
-                          min_derivative, inverse)
+    consts = (bins, min_bin_width, min_bin_height, min_derivative, inverse)
+    if x.dim() == 2 and params.stride(0) == 1 and params.stride(2) == x.shape[0]:
+        # batch-minor parameters (a conditioner's transposed output, memory (n, P, B)):
+        # the parameter-major view is free, and only x (n values per row) is transposed
+        y, lad = _FusedRQ.apply(x.t().contiguous(), params.permute(2, 1, 0), low[:, None],
+                                high[:, None], *consts)
+        return y.t(), lad.t()
+    n = x.shape[-1]
+    u = params.reshape(-1, n, 3 * bins - 1).permute(2, 0, 1).contiguous()
+    y, lad = _FusedRQ.apply(x.reshape(-1, n), u, low, high, *consts)
+    return y.view(x.shape), lad.view(x.shape)
 
 
 def _functorch_active() -> bool:
