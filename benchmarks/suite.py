@@ -39,6 +39,7 @@ data function and a bare-network step builder). Nothing else needs to change.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import platform
@@ -632,7 +633,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="instead of timing, print torch.profiler tables of normflux steps")
     ap.add_argument("--rows", type=int, default=15, help="profile rows (default 15)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="override the batch (and sample count) of the selected benchmarks, "
+                         "e.g. 64 for the small-batch overhead figure")
     args = ap.parse_args(argv)
+    if args.batch is not None and args.batch < 1:
+        ap.error(f"--batch must be positive, got {args.batch}")
 
     configure_torch()
     ids = [s.strip().upper() for s in args.only.split(",") if s.strip()]
@@ -669,6 +675,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = []
     for i in ids:
         bench = BENCHMARKS[i]
+        if args.batch is not None:
+            bench = dataclasses.replace(bench, batch=args.batch, sample_n=args.batch,
+                                        title=f"{bench.title} (batch overridden: {args.batch})")
         _log(f"{i}: {bench.title} -- building and warming up")
         for fig in build_figures(bench, libs, args.compile, warmup):
             _log(f"{fig.id}: timing {', '.join(fig.steps)} ({samples} rounds)")
@@ -682,7 +691,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cmd = "python benchmarks/suite.py " + " ".join(sys.argv[1:] if argv is None else argv)
     env = versions()
     body = "\n".join([
-        f"## {'torch.compile' if args.compile else 'eager'}: {', '.join(ids)}",
+        f"## {'torch.compile' if args.compile else 'eager'}: {', '.join(ids)}"
+        + (f", batch {args.batch}" if args.batch is not None else ""),
         "",
         f"`{cmd.strip()}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"{platform.machine()} ({platform.processor() or 'cpu'}), "
@@ -707,6 +717,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out if args.out is not None else (None if args.quick else RESULTS)
     if out is not None and not args.no_write:
         key = f"{'compile' if args.compile else 'eager'} {','.join(ids)}"
+        if args.batch is not None:
+            key += f" batch {args.batch}"
         write_results(out, key, body)
         _log(f"written to {out}")
     return 0
