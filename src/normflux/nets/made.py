@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._tracing import is_compiling
 from .mlp import _linear_t
 
 __all__ = ["MADE", "MaskedLinear", "autoregressive_order"]
@@ -88,6 +89,13 @@ class _MaskedResidualBlock(nn.Module):
         return self.act(h + self.l2(self.act(self.l1(h))))
 
 
+
+def _refresh_counts(made: "MADE", incompatible_keys=None) -> None:
+    """Cache (as Python lists, free under ``torch.compile``) how many units of each hidden
+    layer have a degree below each input's degree; again after ``load_state_dict``."""
+    deg = made.degrees.cpu()
+    made._counts = [torch.searchsorted(d.sort().values, deg).tolist() for d in made._hidden_deg]
+
 class MADE(nn.Module):
     """Masked MLP whose output for input ``i`` depends only on inputs of lower degree.
 
@@ -117,7 +125,8 @@ class MADE(nn.Module):
         generator: random generator for ``order="random"``.
         transposed_output: compute the output layer as ``W h^T + b``: the same values
             and shapes, in memory layout ``(D, P, batch)`` (``(P, batch)`` for
-            :meth:`forward_feature`), which spline layers read without a copy.
+            :meth:`forward_feature`), which spline layers read without a copy; ignored
+            under ``torch.compile``.
 
     Shapes:
         ``forward(x (batch, n_in), context (batch, C)) -> (batch, D, P)``.
@@ -157,6 +166,15 @@ class MADE(nn.Module):
                 return torch.zeros(H, dtype=torch.long)
             return torch.arange(H) % (D - 1) + 1
 
+        # for the prefix passes of :meth:`sequential_params`: each hidden layer's units in
+        # order of degree (non-persistent: a function of D and the widths) and, refreshed
+        # when a state dict brings other degrees, how many have a degree below each input's
+        self._hidden_deg = [hidden_degrees(H) for H in hidden]
+        for layer, d in enumerate(self._hidden_deg):
+            self.register_buffer(f"_unit_order{layer}", torch.argsort(d, stable=True),
+                                 persistent=False)
+        _refresh_counts(self)
+        self.register_load_state_dict_post_hook(_refresh_counts)
         h_deg = hidden_degrees(hidden[0])
         self.first = MaskedLinear(self.in_features, hidden[0], (h_deg[:, None] >= in_deg[None, :]).float())
         self.context_layer = (nn.Linear(context_features, hidden[0], bias=False)
@@ -230,11 +248,78 @@ class MADE(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``(batch, n_in)`` (+ context ``(batch, C)``) -> ``(batch, D, P)``."""
         h = self.hidden(x, context)
-        if self.transposed_output:
+        if self.transposed_output and not is_compiling():
             out = _linear_t(h, self.head.weight * self.head.mask, self.head.bias)
         else:
             out = self.head(h)
         return out.view(x.shape[0], self.features, self.params_per_feature)
+
+    def sequential_params(self, context: Tensor | None = None) -> Callable[[Tensor, int], Tensor]:
+        """A function ``params(x, i) -> (batch, P)``: coordinate ``i``'s parameters, for the
+        sequential passes of an autoregressive inverse (one coordinate per pass).
+
+        Equal (to rounding) to ``forward(x, context)[:, i]``, at a fraction of the cost:
+        the hidden units of every layer are relabelled in order of degree (the same
+        function), so the units that coordinate ``i`` depends on -- those of degree
+        below ``degrees[i]`` -- are a prefix of each layer, and only that prefix is
+        computed (on average about a third of a square hidden layer's multiply-adds for
+        ``D`` coordinates). Masks are applied and the context's contribution computed
+        once, here, not in every pass.
+
+        Arguments:
+            context: ``(batch, C)`` or ``(1, C)``, or ``None``.
+
+        Returns:
+            ``params(x (batch, n_in), i) -> (batch, P)``.
+        """
+        perms = [getattr(self, f"_unit_order{layer}") for layer in range(len(self._hidden_deg))]
+        counts = self._counts  # counts[l][i]: units of layer l with a degree below degrees[i]
+        w_first = (self.first.weight * self.first.mask)[perms[0]]
+        b_first = self.first.bias[perms[0]]
+        ctx = None
+        if self.context_layer is not None and context is not None:
+            ctx = self.context_layer(context)[:, perms[0]]
+        act = self.act
+        body = []  # (kind, weights, biases, module): a masked layer or a residual block
+        layer = 0
+        for m in self.body:
+            if isinstance(m, MaskedLinear):
+                po, pi = perms[layer + 1], perms[layer]
+                body.append(("linear", (m.weight * m.mask)[po][:, pi], m.bias[po], None))
+                layer += 1
+            elif isinstance(m, _MaskedResidualBlock):
+                p = perms[0]
+                body.append(("residual", ((m.l1.weight * m.l1.mask)[p][:, p],
+                                          (m.l2.weight * m.l2.mask)[p][:, p]),
+                             (m.l1.bias[p], m.l2.bias[p]), m.act))
+            else:
+                body.append(("module", None, None, m))
+        last = perms[-1]
+        w_head = (self.head.weight * self.head.mask)[:, last]
+        P = self.params_per_feature
+        linear = _linear_t if self.transposed_output and not is_compiling() else F.linear
+
+        def params(x: Tensor, i: int) -> Tensor:
+            c = counts[0][i]
+            h = F.linear(x, w_first[:c], b_first[:c])
+            if ctx is not None:
+                h = h + ctx[:, :c]
+            h = act(h)
+            layer = 0
+            for kind, w, b, mod in body:
+                if kind == "linear":
+                    layer += 1
+                    c_in, c = c, counts[layer][i]
+                    h = F.linear(h, w[:c, :c_in], b[:c])
+                elif kind == "residual":
+                    h = mod(h + F.linear(mod(F.linear(h, w[0][:c, :c], b[0][:c])), w[1][:c, :c],
+                                         b[1][:c]))
+                else:
+                    h = mod(h)
+            rows = slice(i * P, (i + 1) * P)
+            return linear(h, w_head[rows, :c], self.head.bias[rows])
+
+        return params
 
     def forward_feature(self, h: Tensor, i: int, head_weight: Tensor | None = None) -> Tensor:
         """Parameters of coordinate ``i`` only from the hidden layer ``h``: ``(batch, P)``.
@@ -251,7 +336,7 @@ class MADE(nn.Module):
         P = self.params_per_feature
         rows = slice(i * P, (i + 1) * P)
         w = (self.head.weight[rows] * self.head.mask[rows]) if head_weight is None else head_weight[rows]
-        if self.transposed_output:
+        if self.transposed_output and not is_compiling():
             return _linear_t(h, w, self.head.bias[rows])
         return F.linear(h, w, self.head.bias[rows])
 

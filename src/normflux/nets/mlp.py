@@ -7,6 +7,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .._tracing import is_compiling
+
 __all__ = ["MLP"]
 
 
@@ -41,7 +43,8 @@ class MLP(nn.Module):
         transposed_output: compute the output layer as ``W h^T + b`` and return its
             transpose: the same values and shape, in memory layout ``(out, batch)``.
             Spline layers read their parameters from this layout without a copy (see
-            :func:`~normflux.transforms.fused_spline.fused_rq_spline`).
+            :func:`~normflux.transforms.fused_spline.fused_rq_spline`). Ignored under
+            ``torch.compile``, whose fused kernels prefer the usual layout.
 
     Shapes:
         ``forward(x (batch, in), context (batch, C) or (1, C)) -> (batch, out)``.
@@ -93,7 +96,7 @@ class MLP(nn.Module):
                 context = context.expand(x.shape[0], -1)
             x = torch.cat([x, context], dim=-1) if self.in_features else context
         h = self.body(x)
-        if self.transposed_output:
+        if self.transposed_output and not is_compiling():
             return _linear_t(h, self.head.weight, self.head.bias)
         return self.head(h)
 

@@ -105,11 +105,9 @@ class MaskedAutoregressive(Transform):
         x = torch.zeros_like(z)
         ladj = z.new_zeros(z.shape[0])
         cols = torch.arange(self.features, device=z.device)
-        weights = self.made.masked_weights()  # mask once, reuse in all D passes
-        head = self.made.head.weight * self.made.head.mask
+        params = self.made.sequential_params(context)  # masks applied once for all D passes
         for i in self._order:
-            h = self.made.hidden(self._made_input(x), context, weights)
-            p = self.made.forward_feature(h, i, head)
+            p = params(self._made_input(x), i)
             xi, li = self.bijection.inverse(z[:, i:i + 1], p[:, None, :], self.specs[i])
             x = torch.where(cols == i, xi, x)
             ladj = ladj + li[:, 0]

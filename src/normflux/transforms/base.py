@@ -12,22 +12,11 @@ from __future__ import annotations
 
 from typing import Iterable
 
-import torch
 from torch import Tensor, nn
 
+from .._tracing import is_compiling
+
 __all__ = ["Transform", "Chain", "Inverse", "check_context", "is_compiling"]
-
-
-def is_compiling() -> bool:
-    """Whether the code runs under ``torch.compile`` tracing (then data checks are skipped).
-
-    Returns:
-        ``True`` inside a dynamo trace, else ``False`` (also on torch builds without
-        ``torch.compiler.is_compiling``).
-    """
-    compiler = getattr(torch, "compiler", None)
-    fn = getattr(compiler, "is_compiling", None)
-    return bool(fn()) if fn is not None else False
 
 
 def check_context(context: Tensor | None, context_features: int | None, batch: int | None,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ._first_order import reference_grads, use_reference
 from .base import is_compiling
 from .domains import DomainSpec
 from .fused_spline import fused_rq_spline
@@ -107,8 +108,11 @@ class Affine(Bijection):
         return params[..., 0], B * torch.tanh(params[..., 1] / B)
 
     def forward(self, x, params, spec):
-        t, s = self._scale(params)
-        return x * torch.exp(s) + t, s
+        if use_reference():
+            return _affine(x, params[..., 0], params[..., 1], self.log_scale_bound)
+        # r is copied out of params: saving a view would keep all of params alive
+        return _BoundedAffine.apply(x, params[..., 0], params[..., 1].clone(),
+                                    self.log_scale_bound)
 
     def inverse(self, y, params, spec):
         t, s = self._scale(params)
@@ -116,6 +120,42 @@ class Affine(Bijection):
 
     def extra_repr(self) -> str:
         return f"log_scale_bound={self.log_scale_bound}"
+
+
+def _affine(x: Tensor, t: Tensor, r: Tensor, bound: float) -> tuple[Tensor, Tensor]:
+    """``(x exp(s) + t, s)`` with ``s = bound tanh(r / bound)``: the reference of
+    :class:`_BoundedAffine` (plain differentiable ops)."""
+    s = bound * torch.tanh(r / bound)
+    return x * torch.exp(s) + t, s
+
+
+class _BoundedAffine(torch.autograd.Function):
+    """:func:`_affine` with a closed-form backward that keeps only ``x`` and ``r``
+    (``tanh`` and ``exp(s)`` are recomputed from them in the backward): one activation
+    fewer per layer than autograd, which keeps ``x``, ``tanh(r / bound)`` and ``exp(s)``.
+    Same forward ops, so bit-identical values. Higher derivatives differentiate
+    :func:`_affine` (see :mod:`._first_order`); ``y`` is linear in ``t``, so ``t`` itself
+    is not needed there."""
+
+    @staticmethod
+    def forward(ctx, x, t, r, bound):
+        y, s = _affine(x, t, r, bound)
+        ctx.save_for_backward(x, r)
+        ctx.bound = bound
+        return y, s
+
+    @staticmethod
+    def backward(ctx, gy, gs):
+        x, r = ctx.saved_tensors
+        bound = ctx.bound
+        if torch.is_grad_enabled():  # create_graph=True
+            g_x, g_r = reference_grads(lambda x, r: _affine(x, torch.zeros_like(x), r, bound),
+                                       (x, r), (gy, gs))
+            return g_x, gy, g_r, None
+        th = torch.tanh(r / bound)
+        e = torch.exp(bound * th)
+        g_r = torch.addcmul(gs, gy * x, e) * (1 - th * th)  # ds/dr = 1 - tanh^2
+        return gy * e, gy, g_r, None
 
 
 class Additive(Bijection):

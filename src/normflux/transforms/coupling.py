@@ -137,6 +137,8 @@ class Coupling(Transform):
         idx_a = torch.nonzero(~mask).flatten()
         self.register_buffer("idx_a", idx_a, persistent=False)
         self.register_buffer("idx_b", idx_b, persistent=False)
+        # evenly spaced columns (alternating and half masks) are read as views, not copies
+        self._cols_a, self._cols_b = _as_slice(idx_a.tolist()), _as_slice(idx_b.tolist())
         old = getattr(self, "spec_b", None)
         dtype = old.low.dtype if old is not None else torch.get_default_dtype()
         self.spec_a = DomainSpec([self.domains[i] for i in idx_a.tolist()]).to(mask.device, dtype)
@@ -154,7 +156,8 @@ class Coupling(Transform):
 
     def _couple(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         self._check(x, context)
-        x_a, x_b = x[:, self.idx_a], x[:, self.idx_b]
+        x_a = x[:, self._cols_a] if self._cols_a is not None else x[:, self.idx_a]
+        x_b = x[:, self._cols_b] if self._cols_b is not None else x[:, self.idx_b]
         params = self._params(x_a, context)
         f = self.bijection.inverse if inverse else self.bijection.forward
         y_b, lad = f(x_b, params, self.spec_b)
@@ -169,3 +172,11 @@ class Coupling(Transform):
 
     def extra_repr(self) -> str:
         return f"features={self.features}, transformed={self.idx_b.tolist()}"
+
+
+def _as_slice(idx: list[int]) -> slice | None:
+    """``idx`` as a slice when it is an increasing arithmetic progression, else ``None``."""
+    step = idx[1] - idx[0] if len(idx) > 1 else 1
+    if step < 1 or any(b - a != step for a, b in zip(idx, idx[1:])):
+        return None
+    return slice(idx[0], idx[-1] + 1, step)

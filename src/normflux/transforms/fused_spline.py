@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._first_order import reference_grads, use_reference
 from .splines import _rq_forward, _rq_inverse, _rq_partials, rational_quadratic_spline, spline_knots
 
 __all__ = ["fused_rq_spline"]
@@ -107,16 +108,11 @@ class _FusedRQ(torch.autograd.Function):
         (x, u, low, high, xpt, pw, ph, kf, x0, x1, y0, y1, d0, d1, s0, s1, not_first,
          not_last, inside) = ctx.saved_tensors
         K, mw, mh, md, inverse = ctx.consts
-        wrt = [t for t in (x, u) if t.requires_grad]
-        if torch.is_grad_enabled() and wrt:
+        if torch.is_grad_enabled():
             # create_graph=True: differentiate the reference (exact higher derivatives)
-            with torch.enable_grad():
-                y, lad = _reference(x, u.movedim(0, -1), low, high, K, mw, mh, md, inverse)
-                grads = iter(torch.autograd.grad((y, lad), wrt, (gy, gl), create_graph=True,
-                                                 allow_unused=True))
-            gx = next(grads) if x.requires_grad else None
-            gu = next(grads) if u.requires_grad else None
-            return gx, gu, None, None, None, None, None, None, None
+            return tuple(reference_grads(
+                lambda x, u: _reference(x, u.movedim(0, -1), low, high, K, mw, mh, md, inverse),
+                (x, u), (gy, gl))) + (None,) * 7
         # the point in x-space where the forward map's partials are taken (in the box)
         xpt = torch.where(inside, xpt, x0)
         gy_in, gl_in = gy * inside, gl * inside
@@ -180,7 +176,7 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
     if params.shape[-1] != 3 * bins - 1:
         raise ValueError(f"spline expects {3 * bins - 1} parameters per coordinate for {bins} "
                          f"bins, got {params.shape[-1]}")
-    if _functorch_active() or bins < 2 or params.shape[:-1] != x.shape:
+    if use_reference() or bins < 2 or params.shape[:-1] != x.shape:
         # torch.func transforms (vmap, jacrev, hessian) differentiate the reference, whose
         # every derivative order is exact (the fused backward is first-order only); a
         # single bin has no interior slope, and broadcast parameters are rare
@@ -198,7 +194,3 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
     y, lad = _FusedRQ.apply(x.reshape(-1, n), u, low, high, *consts)
     return y.view(x.shape), lad.view(x.shape)
 
-
-def _functorch_active() -> bool:
-    fn = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(fn()) if fn is not None else False

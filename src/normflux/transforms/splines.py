@@ -15,12 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._tracing import is_compiling
+
 __all__ = ["rational_quadratic_spline", "spline_knots"]
-
-
-def _is_compiling() -> bool:
-    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(fn()) if fn is not None else False
 
 
 def _softmax_floor(u: Tensor, minimum: float | Tensor) -> tuple[Tensor, Tensor]:
@@ -314,7 +311,7 @@ def rational_quadratic_spline(x: Tensor, xk: Tensor, yk: Tensor, dk: Tensor,
     x0, x1 = _gather(xk, idx)
     y0, y1 = _gather(yk, idx)
     d0, d1 = _gather(dk, idx)
-    if _is_compiling():
+    if is_compiling():
         # under torch.compile plain ops: inductor fuses them (dynamo cannot trace the
         # custom jvp of the autograd Functions)
         y, lad = (_rq_inverse if inverse else _rq_forward)(xs, x0, x1, y0, y1, d0, d1)

@@ -1,0 +1,53 @@
+"""Shared plumbing of the fused autograd Functions (first-order closed-form backwards).
+
+A fused Function (the spline of :mod:`~normflux.transforms.fused_spline`, the bounded
+affine map of :mod:`~normflux.transforms.bijections`) computes its forward with plain
+tensor ops and writes its first-order backward by hand, saving fewer tensors and running
+fewer ops than autograd's generic one. Everything else is delegated to a *reference*
+function, the same map written with differentiable ops:
+
+* under ``torch.func`` transforms (``vmap``, ``jacrev``, ``hessian``) and under
+  ``torch.compile`` tracing, the reference is called instead of the Function
+  (:func:`use_reference`): every derivative order stays exact, and inductor fuses the
+  plain ops itself;
+* a backward that must itself be differentiable (``create_graph=True``) differentiates
+  the reference (:func:`reference_grads`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from .base import is_compiling
+
+
+def use_reference() -> bool:
+    """Whether fused Functions must step aside: a ``torch.func`` transform is active or
+    ``torch.compile`` is tracing."""
+    fn = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return is_compiling() or (bool(fn()) if fn is not None else False)
+
+
+def reference_grads(reference: Callable[..., Sequence[Tensor]], inputs: Sequence,
+                    grads: Sequence[Tensor]) -> list[Tensor | None]:
+    """Vector-Jacobian product of ``reference(*inputs)`` with ``grads``, itself
+    differentiable (for a backward called with ``create_graph=True``).
+
+    Returns:
+        one gradient per entry of ``inputs``: ``None`` for non-tensors and tensors that
+        do not require grad.
+    """
+    wrt = [i for i, v in enumerate(inputs) if isinstance(v, Tensor) and v.requires_grad]
+    out: list[Tensor | None] = [None] * len(inputs)
+    if not wrt:
+        return out
+    with torch.enable_grad():
+        outputs = reference(*inputs)
+        got = torch.autograd.grad(outputs, [inputs[i] for i in wrt], grads, create_graph=True,
+                                  allow_unused=True)
+    for i, g in zip(wrt, got):
+        out[i] = g
+    return out
