@@ -156,8 +156,8 @@ class Coupling(Transform):
 
     def _couple(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         self._check(x, context)
-        x_a = x[:, self._cols_a] if self._cols_a is not None else x[:, self.idx_a]
-        x_b = x[:, self._cols_b] if self._cols_b is not None else x[:, self.idx_b]
+        x_a = x[:, self._cols_a] if self._cols_a is not None else x.index_select(1, self.idx_a)
+        x_b = x[:, self._cols_b] if self._cols_b is not None else x.index_select(1, self.idx_b)
         params = self._params(x_a, context)
         f = self.bijection.inverse if inverse else self.bijection.forward
         y_b, lad = f(x_b, params, self.spec_b)

@@ -179,8 +179,9 @@ class DomainSpec(ConstantsMixin):
         """
         if not self.any_circular:
             return x
-        theta = (x[:, self.circ_idx] - self.circ_low) * self.circ_scale
-        return torch.cat([x[:, self.other_idx], torch.cos(theta), torch.sin(theta)], dim=1)
+        theta = (x.index_select(1, self.circ_idx) - self.circ_low) * self.circ_scale
+        return torch.cat([x.index_select(1, self.other_idx), torch.cos(theta), torch.sin(theta)],
+                         dim=1)
 
     def num_features(self) -> int:
         """Width of :meth:`features`' output."""

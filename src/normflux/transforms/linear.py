@@ -79,7 +79,7 @@ class LULinear(Transform):
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(z, context)
         ladj = (-self.log_s.sum()).expand(z.shape[0])
-        y = (z - self.bias)[:, self.perm]
+        y = (z - self.bias).index_select(1, self.perm)
         if not self.training and not torch.is_grad_enabled() and not is_compiling():
             if not self._cache_valid():
                 key = tuple(p.detach().clone() for p in (self.lower, self.upper, self.log_s))

@@ -67,11 +67,12 @@ class Permutation(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x, context)
-        return x[:, self.perm], x.new_zeros(x.shape[0])
+        # index_select: several times faster than advanced indexing, forward and backward
+        return torch.index_select(x, 1, self.perm), x.new_zeros(x.shape[0])
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(z, context)
-        return z[:, self.inv_perm], z.new_zeros(z.shape[0])
+        return torch.index_select(z, 1, self.inv_perm), z.new_zeros(z.shape[0])
 
     def extra_repr(self) -> str:
         return f"perm={self.perm.tolist()}"
