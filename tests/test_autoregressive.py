@@ -146,6 +146,8 @@ def test_sequential_params_match_forward(cfg):
     # the first coordinate in the order depends on no input: its prefix is empty
     first = int(torch.argmin(made.degrees))
     assert torch.equal(params(x, first), params(torch.randn_like(x), first))
+    with pytest.raises(IndexError, match="out of range"):
+        params(x, cfg["features"])
 
 
 def test_circular_autoregressive_is_periodic():

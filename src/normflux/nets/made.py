@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._tracing import is_compiling
-from .mlp import _linear_t
+from .mlp import _linear_t, use_transposed_output
 
 __all__ = ["MADE", "MaskedLinear", "autoregressive_order"]
 
@@ -125,8 +124,8 @@ class MADE(nn.Module):
         generator: random generator for ``order="random"``.
         transposed_output: compute the output layer as ``W h^T + b``: the same values
             and shapes, in memory layout ``(D, P, batch)`` (``(P, batch)`` for
-            :meth:`forward_feature`), which spline layers read without a copy; ignored
-            under ``torch.compile``.
+            :meth:`forward_feature`), which spline layers read without a copy; see
+            :func:`~normflux.nets.mlp.use_transposed_output`.
 
     Shapes:
         ``forward(x (batch, n_in), context (batch, C)) -> (batch, D, P)``.
@@ -248,7 +247,7 @@ class MADE(nn.Module):
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``(batch, n_in)`` (+ context ``(batch, C)``) -> ``(batch, D, P)``."""
         h = self.hidden(x, context)
-        if self.transposed_output and not is_compiling():
+        if use_transposed_output(self):
             out = _linear_t(h, self.head.weight * self.head.mask, self.head.bias)
         else:
             out = self.head(h)
@@ -270,7 +269,8 @@ class MADE(nn.Module):
             context: ``(batch, C)`` or ``(1, C)``, or ``None``.
 
         Returns:
-            ``params(x (batch, n_in), i) -> (batch, P)``.
+            ``params(x (batch, n_in), i) -> (batch, P)``; it raises ``IndexError`` for a
+            coordinate outside ``0..D-1``.
         """
         perms = [getattr(self, f"_unit_order{layer}") for layer in range(len(self._hidden_deg))]
         counts = self._counts  # counts[l][i]: units of layer l with a degree below degrees[i]
@@ -297,9 +297,12 @@ class MADE(nn.Module):
         last = perms[-1]
         w_head = (self.head.weight * self.head.mask)[:, last]
         P = self.params_per_feature
-        linear = _linear_t if self.transposed_output and not is_compiling() else F.linear
+        linear = _linear_t if use_transposed_output(self) else F.linear
 
         def params(x: Tensor, i: int) -> Tensor:
+            if not 0 <= i < self.features:
+                raise IndexError(f"coordinate {i} out of range for a MADE of {self.features} "
+                                 "features")
             c = counts[0][i]
             h = F.linear(x, w_first[:c], b_first[:c])
             if ctx is not None:
@@ -336,7 +339,7 @@ class MADE(nn.Module):
         P = self.params_per_feature
         rows = slice(i * P, (i + 1) * P)
         w = (self.head.weight[rows] * self.head.mask[rows]) if head_weight is None else head_weight[rows]
-        if self.transposed_output and not is_compiling():
+        if use_transposed_output(self):
             return _linear_t(h, w, self.head.bias[rows])
         return F.linear(h, w, self.head.bias[rows])
 

@@ -43,8 +43,9 @@ class MLP(nn.Module):
         transposed_output: compute the output layer as ``W h^T + b`` and return its
             transpose: the same values and shape, in memory layout ``(out, batch)``.
             Spline layers read their parameters from this layout without a copy (see
-            :func:`~normflux.transforms.fused_spline.fused_rq_spline`). Ignored under
-            ``torch.compile``, whose fused kernels prefer the usual layout.
+            :func:`~normflux.transforms.fused_spline.fused_rq_spline`). Not applied when
+            ``torch.compile`` traces a differentiable pass (see
+            :func:`use_transposed_output`).
 
     Shapes:
         ``forward(x (batch, in), context (batch, C) or (1, C)) -> (batch, out)``.
@@ -96,7 +97,7 @@ class MLP(nn.Module):
                 context = context.expand(x.shape[0], -1)
             x = torch.cat([x, context], dim=-1) if self.in_features else context
         h = self.body(x)
-        if self.transposed_output and not is_compiling():
+        if use_transposed_output(self):
             return _linear_t(h, self.head.weight, self.head.bias)
         return self.head(h)
 
@@ -104,3 +105,14 @@ class MLP(nn.Module):
 def _linear_t(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """``F.linear(h, weight, bias)`` computed as ``(W h^T + b)^T``: memory ``(out, batch)``."""
     return torch.addmm(bias[:, None], weight, h.t()).t()
+
+
+def use_transposed_output(net: nn.Module) -> bool:
+    """Whether ``net`` (an :class:`MLP` or MADE) emits its transposed output now.
+
+    Its ``transposed_output`` flag, except while ``torch.compile`` traces a pass with
+    gradients: there inductor's backward kernels run faster on the usual layout (B1 of the
+    speed suite: 36 ms against 56 ms per compiled train step), while compiled sampling
+    gains from the transposed one (14 ms against 19 ms).
+    """
+    return net.transposed_output and (not is_compiling() or not torch.is_grad_enabled())

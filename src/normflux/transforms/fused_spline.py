@@ -46,13 +46,13 @@ def _reference(x, params, low, high, bins, mw, mh, md, inverse):
 
 
 def _probs(u: Tensor) -> Tensor:
-    """Softmax over the leading (bin) axis of ``(K, B, n)``."""
+    """Softmax over the leading (bin) axis of ``(K, *S)``."""
     e = torch.exp(u - u.amax(0))
     return e.div_(e.sum(0))
 
 
 def _knots(p: Tensor, minimum: float, low: Tensor, width: Tensor, high: Tensor) -> Tensor:
-    """``(K + 1, B, n)`` knots from bin probabilities, the same operations (and so the
+    """``(K + 1, *S)`` knots from ``(K, *S)`` bin probabilities, the same operations (and so the
     same rounding) as :func:`~normflux.transforms.splines.spline_knots`: floored fractions
     ``minimum + (1 - minimum K) p``, cumulative sums, ``low + width * cum``, and the two
     ends exactly ``low`` and ``high``."""
@@ -98,8 +98,8 @@ class _FusedRQ(torch.autograd.Function):
         y, lad = (_rq_inverse if inverse else _rq_forward)(xs, x0, x1, y0, y1, d0, d1)
         y = torch.where(inside, y, x2)
         lad = lad.mul_(inside)
-        ctx.save_for_backward(x2, u, low, high, y if inverse else x2, pw, ph, kf, x0, x1, y0, y1, d0, d1,
-                              s0, s1, not_first, not_last, inside)
+        ctx.save_for_backward(x2, u, low, high, y if inverse else x2, pw, ph, kf, x0, x1, y0, y1,
+                              d0, d1, s0, s1, not_first, not_last, inside)
         ctx.consts = (K, mw, mh, md, inverse)
         return y, lad
 
@@ -128,7 +128,7 @@ class _FusedRQ(torch.autograd.Function):
             g_in, g_x0, g_x1, g_y0, g_y1, g_d0, g_d1 = grads
         g_input = torch.where(inside, g_in, gy)
         g_u = torch.empty_like(u)  # the strides of u: no copy in the layout's backward
-        bins = torch.arange(K, dtype=gy.dtype, device=gy.device)[:, None, None]
+        bins = torch.arange(K, dtype=gy.dtype, device=gy.device).view((K,) + (1,) * kf.dim())
         below = (kf - bins).clamp_(0, 1)         # [i < k]
         upto = (kf + 1 - bins).clamp_(0, 1)      # [i <= k]
         width = high - low
@@ -154,11 +154,15 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
 
     Equal (to rounding) to ``rational_quadratic_spline(x, *spline_knots(params, low, high,
     bins=bins, ...), inverse=inverse)`` for real coordinates, with a closed-form backward.
+    The reference itself is evaluated under ``torch.func`` transforms and
+    ``torch.compile``, for a single bin, and when ``params`` broadcasts against ``x``.
 
     Arguments:
         x: ``(..., n)`` inputs (outputs when ``inverse``).
         params: ``(..., n, 3K - 1)`` unconstrained parameters (K widths, K heights, K - 1
-            interior slopes).
+            interior slopes). Any strides; batch-minor ones (memory ``(n, P, batch)``,
+            a conditioner's ``transposed_output``) are read without a copy, others are
+            transposed once.
         low, high: ``(n,)`` the spline box ``[-B, B]`` per coordinate.
         bins: ``K``.
         min_bin_width, min_bin_height, min_derivative: floors.
