@@ -111,8 +111,8 @@ def use_transposed_output(net: nn.Module) -> bool:
     """Whether ``net`` (an :class:`MLP` or MADE) emits its transposed output now.
 
     Its ``transposed_output`` flag, except while ``torch.compile`` traces a pass with
-    gradients: there inductor's backward kernels run faster on the usual layout (B1 of the
-    speed suite: 36 ms against 56 ms per compiled train step), while compiled sampling
-    gains from the transposed one (14 ms against 19 ms).
+    gradients: there inductor's backward kernels run much faster on the usual layout,
+    while compiled sampling gains from the transposed one (measured on B1 of the speed
+    suite, ``benchmarks/suite.py --compile``).
     """
     return net.transposed_output and (not is_compiling() or not torch.is_grad_enabled())

@@ -6,10 +6,11 @@ tensor ops and writes its first-order backward by hand, saving fewer tensors and
 fewer ops than autograd's generic one. Everything else is delegated to a *reference*
 function, the same map written with differentiable ops:
 
-* under ``torch.func`` transforms (``vmap``, ``jacrev``, ``hessian``) and under
-  ``torch.compile`` tracing, the reference is called instead of the Function
-  (:func:`use_reference`): every derivative order stays exact, and inductor fuses the
-  plain ops itself;
+* under ``torch.func`` transforms (``vmap``, ``jacrev``, ``hessian``) the reference is
+  called instead of the Function (:func:`use_reference`), so every derivative order stays
+  exact. ``torch.compile`` traces the Function, forward and closed-form backward, into its
+  graph when the pass is differentiated (faster than compiling the reference, whose
+  backward autograd derives: B1 of the speed suite), and the reference otherwise;
 * a backward that must itself be differentiable (``create_graph=True``) differentiates
   the reference (:func:`reference_grads`).
 """
@@ -21,14 +22,17 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .base import is_compiling
+from .._tracing import is_compiling
 
 
 def use_reference() -> bool:
-    """Whether fused Functions must step aside: a ``torch.func`` transform is active or
-    ``torch.compile`` is tracing."""
+    """Whether fused Functions must step aside: a ``torch.func`` transform is active, or
+    ``torch.compile`` traces a pass without gradients (inductor fuses the reference's plain
+    forward better than the Function's; measured on B1 of the speed suite)."""
     fn = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return is_compiling() or (bool(fn()) if fn is not None else False)
+    if fn is not None and fn():
+        return True
+    return is_compiling() and not torch.is_grad_enabled()
 
 
 def reference_grads(reference: Callable[..., Sequence[Tensor]], inputs: Sequence,
