@@ -116,6 +116,8 @@ def select_figures(only: str) -> list[str]:
                {f.upper() for f in figs}]
     if unknown:
         raise ValueError(f"unknown benchmark(s) or figure(s) {unknown}; known: {list(figs)}")
+    if not wanted:
+        raise ValueError(f"--only selects nothing; known: {list(figs)}")
     return [f for f in figs if f.upper() in wanted or f.split("-")[0] in wanted]
 
 
@@ -318,8 +320,9 @@ def report(records: list[dict], cmd: str, elapsed: float, warmup: int) -> str:
              f"{platform.machine()} ({platform.processor() or 'cpu'}), "
              + ", ".join(f"{k} {v}" for k, v in env.items())
              + f", warm-up steps: {warmup}, fresh processes, {elapsed / 60:.1f} min. "
-             "MiB = 2^20 bytes; \"ours / lowest peer\" at most 1 meets issue 4's "
-             "requirement; definitions in the docstring of `benchmarks/memory.py`."]
+             "MiB = 2^20 bytes; \"ours / lowest peer\" at most 1: normflux needs no more "
+             "memory than the leanest peer; definitions in the docstring of "
+             "`benchmarks/memory.py`."]
     for key, title in TABLES:
         parts += ["", title + ":", "", markdown(records, key)]
     errs = [f"* {r['figure']} {r['library']}: {r['error']}" for r in records
@@ -354,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-write", action="store_true", help="do not write the results file")
     ap.add_argument("--child", nargs=3, metavar=("FIG", "LIB", "PHASE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.warmup is not None and args.warmup < 0:
+        ap.error(f"--warmup must be >= 0, got {args.warmup}")
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else WARMUP)
 
     if args.child:

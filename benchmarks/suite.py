@@ -2,7 +2,7 @@
 
 Run::
 
-    .venv/bin/python benchmarks/suite.py                  # B1-B4, eager (~5 min, 2 cores)
+    .venv/bin/python benchmarks/suite.py                  # B1-B4, eager (~3-5 min, 2 cores)
     .venv/bin/python benchmarks/suite.py --compile --only B1   # + torch.compile
     .venv/bin/python benchmarks/suite.py --quick --only B4     # smoke run (seconds)
     .venv/bin/python benchmarks/suite.py --profile --only B1,B3  # normflux op profiles
@@ -642,6 +642,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_torch()
     ids = [s.strip().upper() for s in args.only.split(",") if s.strip()]
+    if not ids:
+        ap.error(f"--only selects nothing; known: {list(BENCHMARKS)}")
+    if args.samples is not None and args.samples < 1:
+        ap.error(f"--samples must be >= 1, got {args.samples}")
     unknown = [i for i in ids if i not in BENCHMARKS]
     if unknown:
         ap.error(f"unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
@@ -660,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception:
             pass
 
-    samples = args.samples or (5 if args.quick else 15)
+    samples = args.samples if args.samples is not None else (5 if args.quick else 15)
     target = args.target or (0.03 if args.quick else 0.25)
     warmup = 1 if args.quick else 3
     libs = [OURS]

@@ -60,3 +60,33 @@ def test_saved_activations(fused):
         else:
             _affine(x, params[..., 0], params[..., 1], 2.0)
     assert sum(saved.values()) == (2 if fused else 3) * x.numel()
+
+
+def test_broadcast_parameters_keep_autograd_reduction():
+    """Parameters shared over the batch (shape (1, n, 2)): gradients are summed over the
+    batch once, as plain autograd does (the Function would double-count the ladj term)."""
+    x = torch.randn(4, 3, dtype=torch.float64)
+    p1 = torch.randn(1, 3, 2, dtype=torch.float64, requires_grad=True)
+    bij = nf.Affine()
+    y, s = bij(x, p1, bij.make_spec([nf.real] * 3))
+    a = torch.autograd.grad(y.sum() + s.sum(), p1)[0]
+    p2 = p1.detach().clone().requires_grad_()
+    y2, s2 = _affine(x, p2[..., 0], p2[..., 1], 3.0)
+    b = torch.autograd.grad(y2.sum() + s2.sum(), p2)[0]
+    assert (a - b).abs().max() < 1e-12
+
+
+def test_only_x_differentiable_and_forward_mode():
+    import torch.autograd.forward_ad as fwAD
+    bij = nf.Affine(2.0)
+    spec = bij.make_spec([nf.real] * 3)
+    x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(3, 3, 2, dtype=torch.float64)
+    y, s = bij(x, p, spec)
+    assert not s.requires_grad  # the ladj depends on the parameters only
+    assert torch.autograd.gradgradcheck(lambda a: bij(a, p, spec), (x,))
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        yd, _ = bij(fwAD.make_dual(x.detach(), t), p, spec)
+        ty = fwAD.unpack_dual(yd).tangent
+    assert torch.allclose(ty, t * torch.exp(2.0 * torch.tanh(p[..., 1] / 2.0)), atol=1e-14)

@@ -117,3 +117,51 @@ def test_batch_minor_parameters_take_the_transposed_path_exactly(inverse):
     b = torch.autograd.grad((y3, l3), (x, p), (gy, gl))
     assert a[1].stride() == pt.stride()  # no copy into another layout
     assert all((u - v).abs().max() < 1e-11 for u, v in zip(a, b))
+
+
+def test_learnable_box_and_mixed_dtypes_take_the_reference():
+    """A box that requires grad gets its gradients (the reference's), and mixed dtypes
+    promote as in the reference instead of failing in the backward."""
+    K = 5
+    x, p, low, high = _setup(K, B=4, n=3, seed=5)
+    lo, hi = low.clone().requires_grad_(), high.clone().requires_grad_()
+    y, lad = fused_rq_spline(x, p, lo, hi, bins=K)
+    yr, lr = _reference(x, p, low.clone().requires_grad_(), high.clone().requires_grad_(), K,
+                        1e-3, 1e-3, 1e-3, False)
+    g = torch.autograd.grad((y + lad).sum(), (lo, hi))
+    assert all(v.abs().max() > 0 for v in g)
+    x32 = x.detach().float().requires_grad_()
+    y32, _ = fused_rq_spline(x32, p, low, high, bins=K)
+    assert y32.dtype == torch.float64
+    (gx,) = torch.autograd.grad(y32.sum(), x32)
+    assert gx.dtype == torch.float32 and torch.isfinite(gx).all()
+
+
+def test_scalar_box_and_shape_errors():
+    K = 4
+    x, p, low, high = _setup(K, B=5, n=2, seed=6)
+    pt = p.detach().permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    for params in (p.detach(), pt):
+        for lo, hi in ((-3.0, 3.0), (torch.tensor(-3.0, dtype=torch.float64),
+                                     torch.tensor(3.0, dtype=torch.float64))):
+            y, lad = fused_rq_spline(x.detach(), params, lo, hi, bins=K)
+            y2, l2 = fused_rq_spline(x.detach(), params, low, high, bins=K)
+            assert torch.equal(y, y2) and torch.equal(lad, l2)
+    with pytest.raises(ValueError, match=r"do not match inputs of shape \(5, 2\)"):
+        fused_rq_spline(x, p[:1], low, high, bins=K)
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_forward_mode_ad_through_the_fused_entry(inverse):
+    """Forward-mode AD (no jvp in the Function) is routed to the reference."""
+    import torch.autograd.forward_ad as fwAD
+    K = 6
+    x, p, low, high = _setup(K, B=3, n=2, seed=7)
+    x, p = x.detach(), p.detach()
+    t = torch.randn_like(x)
+    with fwAD.dual_level():
+        y, lad = fused_rq_spline(fwAD.make_dual(x, t), p, low, high, bins=K, inverse=inverse)
+        ty = fwAD.unpack_dual(y).tangent
+    J = torch.autograd.functional.jacobian(
+        lambda v: fused_rq_spline(v, p, low, high, bins=K, inverse=inverse)[0], x)
+    assert (ty - torch.einsum("bnck,ck->bn", J, t)).abs().max() < 1e-10

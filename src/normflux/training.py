@@ -142,7 +142,8 @@ def evaluate_nll(flow: nn.Module, data: Tensor, context: Tensor | None = None,
         for i in range(0, data.shape[0], batch_size):
             xb = data[i:i + batch_size].to(device=device, dtype=dtype)
             cb = None if context is None else context[i:i + batch_size].to(device=device, dtype=dtype)
-            total += float(flow.log_prob(xb, cb).double().sum())
+            with torch.no_grad():
+                total += float(flow.log_prob(xb, cb).double().sum())
     finally:
         flow.train(was)
     return -total / data.shape[0]

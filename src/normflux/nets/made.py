@@ -89,10 +89,13 @@ class _MaskedResidualBlock(nn.Module):
 
 
 
-def _refresh_counts(made: "MADE", incompatible_keys=None) -> None:
-    """Cache (as Python lists, free under ``torch.compile``) how many units of each hidden
-    layer have a degree below each input's degree; again after ``load_state_dict``."""
+def _refresh_caches(made: "MADE", incompatible_keys=None) -> None:
+    """Cache, as Python lists (free under ``torch.compile``), the generation order and how
+    many units of each hidden layer have a degree below each input's degree; again after
+    ``load_state_dict`` (a loaded random order), whether it is called on the MADE or on a
+    module that contains it."""
     deg = made.degrees.cpu()
+    made.generation_order = torch.argsort(deg, stable=True).tolist()
     made._counts = [torch.searchsorted(d.sort().values, deg).tolist() for d in made._hidden_deg]
 
 class MADE(nn.Module):
@@ -126,6 +129,11 @@ class MADE(nn.Module):
             and shapes, in memory layout ``(D, P, batch)`` (``(P, batch)`` for
             :meth:`forward_feature`), which spline layers read without a copy; see
             :func:`~normflux.nets.mlp.use_transposed_output`.
+
+    Attributes:
+        degrees: ``(D,)`` buffer, the coordinates' degrees ``1..D``.
+        generation_order: the coordinates in increasing degree (a Python list, refreshed
+            when a state dict brings other degrees): the order of a sequential inverse.
 
     Shapes:
         ``forward(x (batch, n_in), context (batch, C)) -> (batch, D, P)``.
@@ -172,8 +180,8 @@ class MADE(nn.Module):
         for layer, d in enumerate(self._hidden_deg):
             self.register_buffer(f"_unit_order{layer}", torch.argsort(d, stable=True),
                                  persistent=False)
-        _refresh_counts(self)
-        self.register_load_state_dict_post_hook(_refresh_counts)
+        _refresh_caches(self)
+        self.register_load_state_dict_post_hook(_refresh_caches)
         h_deg = hidden_degrees(hidden[0])
         self.first = MaskedLinear(self.in_features, hidden[0], (h_deg[:, None] >= in_deg[None, :]).float())
         self.context_layer = (nn.Linear(context_features, hidden[0], bias=False)

@@ -43,9 +43,9 @@ class MLP(nn.Module):
         transposed_output: compute the output layer as ``W h^T + b`` and return its
             transpose: the same values and shape, in memory layout ``(out, batch)``.
             Spline layers read their parameters from this layout without a copy (see
-            :func:`~normflux.transforms.fused_spline.fused_rq_spline`). Not applied when
-            ``torch.compile`` traces a differentiable pass (see
-            :func:`use_transposed_output`).
+            :func:`~normflux.transforms.fused_spline.fused_rq_spline`). Applies to a
+            ``(batch, in)`` input only, and not when ``torch.compile`` traces a
+            differentiable pass (see :func:`use_transposed_output`).
 
     Shapes:
         ``forward(x (batch, in), context (batch, C) or (1, C)) -> (batch, out)``.
@@ -97,7 +97,7 @@ class MLP(nn.Module):
                 context = context.expand(x.shape[0], -1)
             x = torch.cat([x, context], dim=-1) if self.in_features else context
         h = self.body(x)
-        if use_transposed_output(self):
+        if use_transposed_output(self) and h.dim() == 2:
             return _linear_t(h, self.head.weight, self.head.bias)
         return self.head(h)
 

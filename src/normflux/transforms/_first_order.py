@@ -6,11 +6,12 @@ tensor ops and writes its first-order backward by hand, saving fewer tensors and
 fewer ops than autograd's generic one. Everything else is delegated to a *reference*
 function, the same map written with differentiable ops:
 
-* under ``torch.func`` transforms (``vmap``, ``jacrev``, ``hessian``) the reference is
-  called instead of the Function (:func:`use_reference`), so every derivative order stays
-  exact. ``torch.compile`` traces the Function, forward and closed-form backward, into its
-  graph when the pass is differentiated (faster than compiling the reference, whose
-  backward autograd derives: B1 of the speed suite), and the reference otherwise;
+* under ``torch.func`` transforms (``vmap``, ``jacrev``, ``hessian``) and forward-mode
+  AD the reference is called instead of the Function (:func:`use_reference`), so every
+  derivative order stays exact. ``torch.compile`` traces the Function, forward and
+  closed-form backward, into its graph when the pass is differentiated (faster than
+  compiling the reference, whose backward autograd derives: B1 of the speed suite), and
+  the reference otherwise;
 * a backward that must itself be differentiable (``create_graph=True``) differentiates
   the reference (:func:`reference_grads`).
 """
@@ -21,16 +22,20 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .._tracing import is_compiling
 
 
 def use_reference() -> bool:
-    """Whether fused Functions must step aside: a ``torch.func`` transform is active, or
-    ``torch.compile`` traces a pass without gradients (inductor fuses the reference's plain
-    forward better than the Function's; measured on B1 of the speed suite)."""
+    """Whether fused Functions must step aside: a ``torch.func`` transform is active, a
+    forward-mode AD level is open (the Functions have no ``jvp``), or ``torch.compile``
+    traces a pass without gradients (inductor fuses the reference's plain forward better
+    than the Function's; measured on B1 of the speed suite)."""
     fn = getattr(torch._C, "_are_functorch_transforms_active", None)
     if fn is not None and fn():
+        return True
+    if getattr(forward_ad, "_current_level", -1) >= 0:
         return True
     return is_compiling() and not torch.is_grad_enabled()
 
@@ -49,9 +54,13 @@ def reference_grads(reference: Callable[..., Sequence[Tensor]], inputs: Sequence
     if not wrt:
         return out
     with torch.enable_grad():
-        outputs = reference(*inputs)
-        got = torch.autograd.grad(outputs, [inputs[i] for i in wrt], grads, create_graph=True,
-                                  allow_unused=True)
+        # outputs that do not depend on the inputs being differentiated carry no gradient
+        pairs = [(o, g) for o, g in zip(reference(*inputs), grads)
+                 if o.requires_grad and g is not None]
+        if not pairs:
+            return out
+        got = torch.autograd.grad([o for o, _ in pairs], [inputs[i] for i in wrt],
+                                  [g for _, g in pairs], create_graph=True, allow_unused=True)
     for i, g in zip(wrt, got):
         out[i] = g
     return out

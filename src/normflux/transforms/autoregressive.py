@@ -87,8 +87,6 @@ class MaskedAutoregressive(Transform):
             raise ValueError(f"MADE has {made.features} features x {made.params_per_feature} "
                              f"outputs, the layer needs {D} x {P}")
         self.made = made
-        _refresh_order(self)
-        self.register_load_state_dict_post_hook(_refresh_order)
 
     def _made_input(self, x: Tensor) -> Tensor:
         """MADE input columns: real/interval coordinates, then cos and sin of angles."""
@@ -106,7 +104,7 @@ class MaskedAutoregressive(Transform):
         ladj = z.new_zeros(z.shape[0])
         cols = torch.arange(self.features, device=z.device)
         params = self.made.sequential_params(context)  # masks applied once for all D passes
-        for i in self._order:
+        for i in self.made.generation_order:
             p = params(self._made_input(x), i)
             xi, li = self.bijection.inverse(z[:, i:i + 1], p[:, None, :], self.specs[i])
             x = torch.where(cols == i, xi, x)
@@ -116,8 +114,3 @@ class MaskedAutoregressive(Transform):
     def extra_repr(self) -> str:
         return f"features={self.features}, order={self.made.degrees.tolist()}"
 
-
-def _refresh_order(module: MaskedAutoregressive, incompatible_keys=None) -> None:
-    """Cache the generation order (a Python list, free under ``torch.compile``) from the
-    MADE's degrees; runs again after ``load_state_dict`` (a loaded random order)."""
-    module._order = torch.argsort(module.made.degrees).tolist()

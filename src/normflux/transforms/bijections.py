@@ -107,7 +107,8 @@ class Affine(Bijection):
         return params[..., 0], B * torch.tanh(params[..., 1] / B)
 
     def forward(self, x, params, spec):
-        if use_reference():
+        if use_reference() or params.shape[:-1] != x.shape:
+            # (broadcast parameters: autograd's reduction of the gradients is needed)
             return _affine(x, params[..., 0], params[..., 1], self.log_scale_bound)
         # r is copied out of params: saving a view would keep all of params alive
         return _BoundedAffine.apply(x, params[..., 0], params[..., 1].clone(),
@@ -139,6 +140,8 @@ class _BoundedAffine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, t, r, bound):
         y, s = _affine(x, t, r, bound)
+        if not ctx.needs_input_grad[2]:
+            ctx.mark_non_differentiable(s)  # s depends on r only
         ctx.save_for_backward(x, r)
         ctx.bound = bound
         return y, s

@@ -52,8 +52,9 @@ def _probs(u: Tensor) -> Tensor:
 
 
 def _knots(p: Tensor, minimum: float, low: Tensor, width: Tensor, high: Tensor) -> Tensor:
-    """``(K + 1, *S)`` knots from ``(K, *S)`` bin probabilities, the same operations (and so the
-    same rounding) as :func:`~normflux.transforms.splines.spline_knots`: floored fractions
+    """``(K + 1, *S)`` knots from ``(K, *S)`` bin probabilities, the same operations as
+    :func:`~normflux.transforms.splines.spline_knots` (equal to rounding: the summation
+    order of a reduction depends on the layout): floored fractions
     ``minimum + (1 - minimum K) p``, cumulative sums, ``low + width * cum``, and the two
     ends exactly ``low`` and ``high``."""
     K = p.shape[0]
@@ -154,8 +155,11 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
 
     Equal (to rounding) to ``rational_quadratic_spline(x, *spline_knots(params, low, high,
     bins=bins, ...), inverse=inverse)`` for real coordinates, with a closed-form backward.
-    The reference itself is evaluated under ``torch.func`` transforms and
-    ``torch.compile``, for a single bin, and when ``params`` broadcasts against ``x``.
+    That reference itself is evaluated under ``torch.func`` transforms and forward-mode AD,
+    in compiled passes without gradients, for a single bin, a box (``low``, ``high``) that
+    requires grad, and mixed dtypes. (Where rounding moves a knot by an ulp, an input
+    exactly on it may be located in the neighbouring bin by one path and not the other:
+    both are exact one-sided evaluations.)
 
     Arguments:
         x: ``(..., n)`` inputs (outputs when ``inverse``).
@@ -163,7 +167,7 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
             interior slopes). Any strides; batch-minor ones (memory ``(n, P, batch)``,
             a conditioner's ``transposed_output``) are read without a copy, others are
             transposed once.
-        low, high: ``(n,)`` the spline box ``[-B, B]`` per coordinate.
+        low, high: ``(n,)`` the spline box per coordinate (or scalars).
         bins: ``K``.
         min_bin_width, min_bin_height, min_derivative: floors.
         inverse: evaluate the inverse.
@@ -172,18 +176,28 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
         ``(y, ladj)``, each of the shape of ``x``; ``ladj`` elementwise.
 
     Raises:
-        ValueError: ``params`` does not have ``3K - 1`` entries per coordinate, or the
-            floors leave no room (``min_bin_width * K >= 1``).
+        ValueError: ``params`` is not of shape ``x.shape + (3K - 1,)``, or the floors
+            leave no room (``min_bin_width * K >= 1``).
     """
     if min_bin_width * bins >= 1 or min_bin_height * bins >= 1:
         raise ValueError(f"min_bin_width/min_bin_height too large for {bins} bins")
     if params.shape[-1] != 3 * bins - 1:
         raise ValueError(f"spline expects {3 * bins - 1} parameters per coordinate for {bins} "
                          f"bins, got {params.shape[-1]}")
-    if use_reference() or bins < 2 or params.shape[:-1] != x.shape:
-        # torch.func transforms (vmap, jacrev, hessian) differentiate the reference, whose
-        # every derivative order is exact (the fused backward is first-order only); a
-        # single bin has no interior slope, and broadcast parameters are rare
+    if params.shape[:-1] != x.shape:
+        raise ValueError(f"spline parameters of shape {tuple(params.shape)} do not match inputs "
+                         f"of shape {tuple(x.shape)}: expected {tuple(x.shape) + (3 * bins - 1,)}")
+    n = x.shape[-1]
+    low, high = (torch.as_tensor(b, dtype=x.dtype, device=x.device) if not isinstance(b, Tensor)
+                 else b for b in (low, high))
+    low, high = (b.expand(n) if b.dim() == 0 else b for b in (low, high))
+    if (use_reference() or bins < 2 or low.shape != (n,) or high.shape != (n,)
+            or not x.dtype == params.dtype == low.dtype == high.dtype
+            or low.requires_grad or high.requires_grad):
+        # torch.func transforms (vmap, jacrev, hessian) and forward-mode AD differentiate
+        # the reference, whose every derivative order is exact (the fused backward is
+        # first-order only); so do a learnable box, mixed dtypes (promoted there) and a
+        # single bin (no interior slope)
         return _reference(x, params, low, high, bins, min_bin_width, min_bin_height,
                           min_derivative, inverse)
     consts = (bins, min_bin_width, min_bin_height, min_derivative, inverse)
@@ -193,7 +207,6 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
         y, lad = _FusedRQ.apply(x.t().contiguous(), params.permute(2, 1, 0), low[:, None],
                                 high[:, None], *consts)
         return y.t(), lad.t()
-    n = x.shape[-1]
     u = params.reshape(-1, n, 3 * bins - 1).permute(2, 0, 1).contiguous()
     y, lad = _FusedRQ.apply(x.reshape(-1, n), u, low, high, *consts)
     return y.view(x.shape), lad.view(x.shape)
