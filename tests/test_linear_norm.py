@@ -148,3 +148,19 @@ def test_unconditional_layers_reject_context():
     for t in (nf.LULinear(2), nf.ActNorm(2), nf.BatchNorm(2)):
         with pytest.raises(ValueError, match="context"):
             t(torch.randn(3, 2), torch.randn(3, 4))
+
+
+def test_permutation_load_rederives_the_inverse_and_checks_perm():
+    """A loaded perm without (or with a stale) inv_perm still inverts exactly; a loaded
+    perm that is not a permutation is rejected by name."""
+    a, b = nf.Permutation([2, 0, 3, 1]), nf.Permutation.reverse(4)
+    state = {"perm": a.perm.clone(), "inv_perm": torch.arange(4)}  # stale inverse
+    b.load_state_dict(state)
+    x = torch.randn(3, 4)
+    assert torch.equal(b.inverse(b(x)[0])[0], x) and torch.equal(b(x)[0], a(x)[0])
+    c = nf.Permutation.reverse(4)
+    c.load_state_dict({"perm": a.perm.clone()}, strict=False)
+    assert torch.equal(c.inverse(c(x)[0])[0], x)
+    with pytest.raises(ValueError, match="not a permutation"):
+        nf.Permutation.reverse(4).load_state_dict({"perm": torch.tensor([0, 0, 1, 2]),
+                                                   "inv_perm": torch.arange(4)})

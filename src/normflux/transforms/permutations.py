@@ -30,7 +30,8 @@ class Permutation(Transform):
         ``x``, ``z``: ``(batch, D)``; ``ladj``: ``(batch,)`` zeros.
 
     Raises:
-        ValueError: ``perm`` is not a permutation of ``0..D-1``; at call time, a context
+        ValueError: ``perm`` is not a permutation of ``0..D-1`` (also when loaded by
+            ``load_state_dict``, which re-derives ``inv_perm``); at call time, a context
             (the layer is unconditional).
     """
 
@@ -47,6 +48,7 @@ class Permutation(Transform):
         self.features = perm.numel()
         self.register_buffer("perm", perm)
         self.register_buffer("inv_perm", torch.argsort(perm))
+        self.register_load_state_dict_post_hook(_check_loaded_perm)
 
     @classmethod
     def reverse(cls, features: int) -> "Permutation":
@@ -77,6 +79,18 @@ class Permutation(Transform):
     def extra_repr(self) -> str:
         return f"perm={self.perm.tolist()}"
 
+
+
+def _check_loaded_perm(module: Permutation, incompatible_keys=None) -> None:
+    """After ``load_state_dict``: the loaded ``perm`` must be a permutation of the layer's
+    coordinates, and ``inv_perm`` is re-derived from it (a stale or missing inverse would
+    make the inverse silently wrong)."""
+    perm = module.perm
+    if perm.numel() != module.features or not torch.equal(
+            torch.sort(perm).values, torch.arange(module.features, device=perm.device)):
+        raise ValueError(f"loaded perm is not a permutation of 0..{module.features - 1}: "
+                         f"{perm.tolist()}")
+    module.inv_perm = torch.argsort(perm)
 
 class CircularShift(ConstantsMixin, Transform):
     """Rotate circular coordinates by a fixed angle: ``z = wrap(x + shift)``, ``ladj = 0``.
