@@ -137,33 +137,33 @@ def _normflows_coupling_spline(features, layers, hidden, bins, tail_bound):
     return _nf_handle("normflows", mods, features)
 
 
-def _normflows_maf_affine(features, layers, hidden):
-    from normflows.flows.affine.autoregressive import MaskedAffineAutoregressive
+def _normflows_maf(features, layers, hidden, make_layer):
+    """``layers`` normflows autoregressive layers (``make_layer(features, hidden, blocks)``),
+    density-forward, with reverse permutations between them."""
     nf, Flip, reverse_perm = _nf_wrappers()
     assert len(set(hidden)) == 1
     mods = []
     for i in range(layers):
         if i:
             mods.append(reverse_perm(features))
-        mods.append(Flip(MaskedAffineAutoregressive(
-            features, hidden[0], num_blocks=len(hidden) - 1, use_residual_blocks=False)))
+        mods.append(Flip(make_layer(features, hidden[0], len(hidden) - 1)))
     return _nf_handle("normflows", mods, features)
+
+
+def _normflows_maf_affine(features, layers, hidden):
+    from normflows.flows.affine.autoregressive import MaskedAffineAutoregressive
+    return _normflows_maf(features, layers, hidden, lambda d, h, blocks: MaskedAffineAutoregressive(
+        d, h, num_blocks=blocks, use_residual_blocks=False))
 
 
 def _normflows_maf_spline(features, layers, hidden, bins, tail_bound):
     from normflows.flows.neural_spline.autoregressive import (
         MaskedPiecewiseRationalQuadraticAutoregressive,
     )
-    nf, Flip, reverse_perm = _nf_wrappers()
-    assert len(set(hidden)) == 1
-    mods = []
-    for i in range(layers):
-        if i:
-            mods.append(reverse_perm(features))
-        mods.append(Flip(MaskedPiecewiseRationalQuadraticAutoregressive(
-            features, hidden[0], num_bins=bins, tails="linear", tail_bound=tail_bound,
-            num_blocks=len(hidden) - 1, use_residual_blocks=False)))
-    return _nf_handle("normflows", mods, features)
+    return _normflows_maf(features, layers, hidden, lambda d, h, blocks: (
+        MaskedPiecewiseRationalQuadraticAutoregressive(
+            d, h, num_bins=bins, tails="linear", tail_bound=tail_bound, num_blocks=blocks,
+            use_residual_blocks=False)))
 
 
 def _normflows_realnvp(features, layers, hidden):

@@ -126,10 +126,11 @@ def test_learnable_box_and_mixed_dtypes_take_the_reference():
     x, p, low, high = _setup(K, B=4, n=3, seed=5)
     lo, hi = low.clone().requires_grad_(), high.clone().requires_grad_()
     y, lad = fused_rq_spline(x, p, lo, hi, bins=K)
-    yr, lr = _reference(x, p, low.clone().requires_grad_(), high.clone().requires_grad_(), K,
-                        1e-3, 1e-3, 1e-3, False)
+    lo_r, hi_r = low.clone().requires_grad_(), high.clone().requires_grad_()
+    yr, lr = _reference(x, p, lo_r, hi_r, K, 1e-3, 1e-3, 1e-3, False)
     g = torch.autograd.grad((y + lad).sum(), (lo, hi))
-    assert all(v.abs().max() > 0 for v in g)
+    gr = torch.autograd.grad((yr + lr).sum(), (lo_r, hi_r))
+    assert all(v.abs().max() > 0 and (v - w).abs().max() < 1e-12 for v, w in zip(g, gr))
     x32 = x.detach().float().requires_grad_()
     y32, _ = fused_rq_spline(x32, p, low, high, bins=K)
     assert y32.dtype == torch.float64

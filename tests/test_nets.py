@@ -38,5 +38,6 @@ def test_made_transposed_output_same_values():
     a, b = plain(x, c), trans(x, c)
     assert b.shape == (4, 5, 3) and b.stride(0) == 1
     assert (a - b).abs().max() < 1e-14
-    h = plain.hidden(x, c)
-    assert (plain.forward_feature(h, 2) - trans.forward_feature(h, 2)).abs().max() < 1e-14
+    one = trans.sequential_params(c)(x, 2)
+    assert one.stride(0) == 1  # memory (P, batch)
+    assert (plain.sequential_params(c)(x, 2) - one).abs().max() < 1e-14

@@ -127,7 +127,7 @@ class MADE(nn.Module):
         generator: random generator for ``order="random"``.
         transposed_output: compute the output layer as ``W h^T + b``: the same values
             and shapes, in memory layout ``(D, P, batch)`` (``(P, batch)`` for
-            :meth:`forward_feature`), which spline layers read without a copy; see
+            :meth:`sequential_params`), which spline layers read without a copy; see
             :func:`~normflux.nets.mlp.use_transposed_output`.
 
     Attributes:
@@ -182,7 +182,7 @@ class MADE(nn.Module):
                                  persistent=False)
         _refresh_caches(self)
         self.register_load_state_dict_post_hook(_refresh_caches)
-        h_deg = hidden_degrees(hidden[0])
+        h_deg = self._hidden_deg[0]
         self.first = MaskedLinear(self.in_features, hidden[0], (h_deg[:, None] >= in_deg[None, :]).float())
         self.context_layer = (nn.Linear(context_features, hidden[0], bias=False)
                               if context_features else None)
@@ -192,11 +192,11 @@ class MADE(nn.Module):
             m = (h_deg[:, None] >= h_deg[None, :]).float()
             blocks = [_MaskedResidualBlock(m, act) for _ in range(len(hidden) - 1)]
         else:
-            for a, b in zip(hidden[:-1], hidden[1:]):
-                d_in, d_out = hidden_degrees(a), hidden_degrees(b)
+            for (a, d_in), (b, d_out) in zip(zip(hidden, self._hidden_deg),
+                                             zip(hidden[1:], self._hidden_deg[1:])):
                 blocks.append(MaskedLinear(a, b, (d_out[:, None] >= d_in[None, :]).float()))
                 blocks.append(act())
-            h_deg = hidden_degrees(hidden[-1])
+            h_deg = self._hidden_deg[-1]
         self.act = act()
         self.body = nn.Sequential(*blocks)
         out_deg = degrees.repeat_interleave(P)  # output row i*P + p belongs to coordinate i
@@ -205,52 +205,18 @@ class MADE(nn.Module):
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
-    def hidden(self, x: Tensor, context: Tensor | None = None,
-               weights: list[Tensor] | None = None) -> Tensor:
+    def hidden(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """The last hidden layer, ``(batch, H)``.
 
         Arguments:
             x: ``(batch, n_in)``.
             context: ``(batch, C)`` (or ``(1, C)``), or ``None``; ignored by an
                 unconditional MADE.
-            weights: the output of :meth:`masked_weights`, to reuse the masked weight
-                matrices across the sequential passes of an autoregressive inverse
-                instead of re-masking.
         """
-        if weights is None:
-            h = self.first(x)
-            if self.context_layer is not None and context is not None:
-                h = h + self.context_layer(context)
-            return self.body(self.act(h))
-        it = iter(weights)
-        h = F.linear(x, next(it), self.first.bias)
+        h = self.first(x)
         if self.context_layer is not None and context is not None:
             h = h + self.context_layer(context)
-        h = self.act(h)
-        for m in self.body:
-            if isinstance(m, MaskedLinear):
-                h = F.linear(h, next(it), m.bias)
-            elif isinstance(m, _MaskedResidualBlock):
-                w1, w2 = next(it), next(it)
-                h = m.act(h + F.linear(m.act(F.linear(h, w1, m.l1.bias)), w2, m.l2.bias))
-            else:
-                h = m(h)
-        return h
-
-    def masked_weights(self) -> list[Tensor]:
-        """The masked weight matrices ``W * M`` of the hidden layers, in order of use.
-
-        Returns:
-            a list of ``(out, in)`` tensors: the first layer's ``(H_1, n_in)``, then
-            one per masked hidden layer (two per residual block); not the output layer.
-        """
-        out = [self.first.weight * self.first.mask]
-        for m in self.body:
-            if isinstance(m, MaskedLinear):
-                out.append(m.weight * m.mask)
-            elif isinstance(m, _MaskedResidualBlock):
-                out += [m.l1.weight * m.l1.mask, m.l2.weight * m.l2.mask]
-        return out
+        return self.body(self.act(h))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """``(batch, n_in)`` (+ context ``(batch, C)``) -> ``(batch, D, P)``."""
@@ -332,22 +298,4 @@ class MADE(nn.Module):
 
         return params
 
-    def forward_feature(self, h: Tensor, i: int, head_weight: Tensor | None = None) -> Tensor:
-        """Parameters of coordinate ``i`` only from the hidden layer ``h``: ``(batch, P)``.
-
-        One ``P``-row slice of the output layer: the sequential inverse of an
-        autoregressive layer needs just one coordinate's parameters per pass.
-
-        Arguments:
-            h: ``(batch, H)`` from :meth:`hidden`.
-            i: the coordinate, ``0..D-1``.
-            head_weight: the pre-masked output weight ``head.weight * head.mask``,
-                ``(D * P, H)``, or ``None`` to mask here.
-        """
-        P = self.params_per_feature
-        rows = slice(i * P, (i + 1) * P)
-        w = (self.head.weight[rows] * self.head.mask[rows]) if head_weight is None else head_weight[rows]
-        if use_transposed_output(self):
-            return _linear_t(h, w, self.head.bias[rows])
-        return F.linear(h, w, self.head.bias[rows])
 

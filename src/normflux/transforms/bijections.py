@@ -103,8 +103,7 @@ class Affine(Bijection):
         return 2
 
     def _scale(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        B = self.log_scale_bound
-        return params[..., 0], B * torch.tanh(params[..., 1] / B)
+        return params[..., 0], _bounded_log_scale(params[..., 1], self.log_scale_bound)
 
     def forward(self, x, params, spec):
         if use_reference() or params.shape[:-1] != x.shape:
@@ -125,8 +124,13 @@ class Affine(Bijection):
 def _affine(x: Tensor, t: Tensor, r: Tensor, bound: float) -> tuple[Tensor, Tensor]:
     """``(x exp(s) + t, s)`` with ``s = bound tanh(r / bound)``: the reference of
     :class:`_BoundedAffine` (plain differentiable ops)."""
-    s = bound * torch.tanh(r / bound)
+    s = _bounded_log_scale(r, bound)
     return x * torch.exp(s) + t, s
+
+
+def _bounded_log_scale(r: Tensor, bound: float) -> Tensor:
+    """``bound * tanh(r / bound)``: the log-scale, in ``(-bound, bound)``."""
+    return bound * torch.tanh(r / bound)
 
 
 class _BoundedAffine(torch.autograd.Function):

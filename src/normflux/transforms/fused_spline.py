@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._first_order import reference_grads, use_reference
-from .splines import _rq_forward, _rq_inverse, _rq_partials, rational_quadratic_spline, spline_knots
+from .splines import (
+    _rq_forward,
+    _rq_inverse,
+    _rq_inverse_vjp,
+    _rq_partials,
+    rational_quadratic_spline,
+    spline_knots,
+)
 
 __all__ = ["fused_rq_spline"]
 
@@ -119,14 +126,10 @@ class _FusedRQ(torch.autograd.Function):
         gy_in, gl_in = gy * inside, gl * inside
         theta = (x0, x1, y0, y1, d0, d1)
         if inverse:
-            zeros = torch.zeros_like(gy)
-            _, slope, lad_x = _rq_partials(xpt, *theta, zeros, zeros)
-            g_in = (gy_in - gl_in * lad_x) / slope
-            grads, _, _ = _rq_partials(xpt, *theta, -g_in, -gl_in)
-            _, g_x0, g_x1, g_y0, g_y1, g_d0, g_d1 = grads
+            grads = _rq_inverse_vjp(xpt, *theta, gy_in, gl_in)
         else:
             grads, _, _ = _rq_partials(xpt, *theta, gy_in, gl_in)
-            g_in, g_x0, g_x1, g_y0, g_y1, g_d0, g_d1 = grads
+        g_in, g_x0, g_x1, g_y0, g_y1, g_d0, g_d1 = grads
         g_input = torch.where(inside, g_in, gy)
         g_u = torch.empty_like(u)  # the strides of u: no copy in the layout's backward
         bins = torch.arange(K, dtype=gy.dtype, device=gy.device).view((K,) + (1,) * kf.dim())

@@ -199,6 +199,18 @@ def _rq_partials(x, x0, x1, y0, y1, d0, d1, gy, gl):
     return (g_x, g_x0, g_w, g_y0, g_h, g_d0, g_d1), slope, l_xi * inv_w
 
 
+def _rq_inverse_vjp(x, x0, x1, y0, y1, d0, d1, gx, gl):
+    """Gradient of ``gx * x + gl * lad_inv`` of the inverse map ``x = f^-1(y)``, w.r.t.
+    ``(y, x0, x1, y0, y1, d0, d1)``, from the forward partials at the inverse's output
+    ``x`` (implicit function theorem: ``dx/dy = 1 / f_x``, ``dx/dtheta = -f_theta / f_x``,
+    ``lad_inv = -lad(x; theta)``)."""
+    zeros = torch.zeros_like(gx)
+    _, slope, lad_x = _rq_partials(x, x0, x1, y0, y1, d0, d1, zeros, zeros)
+    g_y = (gx - gl * lad_x) / slope
+    grads, _, _ = _rq_partials(x, x0, x1, y0, y1, d0, d1, -g_y, -gl)
+    return (g_y,) + grads[1:]
+
+
 def _t(t):
     """A missing tangent (``None``) is zero."""
     return 0.0 if t is None else t
@@ -271,13 +283,7 @@ class _RQInverse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gx, gl):
-        x, x0, x1, y0, y1, d0, d1 = ctx.saved_tensors
-        # d(out)/dy: gx / f_x - gl * lad_x / f_x
-        zeros = torch.zeros_like(gx)
-        _, slope, lad_x = _rq_partials(x, x0, x1, y0, y1, d0, d1, zeros, zeros)
-        g_y = (gx - gl * lad_x) / slope
-        grads, _, _ = _rq_partials(x, x0, x1, y0, y1, d0, d1, -g_y, -gl)
-        return (g_y,) + grads[1:]
+        return _rq_inverse_vjp(*ctx.saved_tensors, gx, gl)
 
 
 def rational_quadratic_spline(x: Tensor, xk: Tensor, yk: Tensor, dk: Tensor,
