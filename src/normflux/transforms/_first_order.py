@@ -27,17 +27,18 @@ from torch.autograd import forward_ad
 from .._tracing import is_compiling
 
 
-def use_reference() -> bool:
+def use_reference(compiled_ok: bool = False) -> bool:
     """Whether fused Functions must step aside: a ``torch.func`` transform is active, a
     forward-mode AD level is open (the Functions have no ``jvp``), or ``torch.compile``
     traces a pass without gradients (inductor fuses the reference's plain forward better
-    than the Function's; measured on B1 of the speed suite)."""
+    than a Function of tensor ops; measured on B1 of the speed suite) and the fused
+    implementation is not one that compiles as is (``compiled_ok``)."""
     fn = getattr(torch._C, "_are_functorch_transforms_active", None)
     if fn is not None and fn():
         return True
     if getattr(forward_ad, "_current_level", -1) >= 0:
         return True
-    return is_compiling() and not torch.is_grad_enabled()
+    return not compiled_ok and is_compiling() and not torch.is_grad_enabled()
 
 
 def reference_grads(reference: Callable[..., Sequence[Tensor]], inputs: Sequence,

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .._tracing import is_compiling
+from . import native_spline
 from ._first_order import reference_grads, use_reference
 from .splines import (
     _rq_forward,
@@ -194,7 +196,11 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
     low, high = (torch.as_tensor(b, dtype=x.dtype, device=x.device) if not isinstance(b, Tensor)
                  else b for b in (low, high))
     low, high = (b.expand(n) if b.dim() == 0 else b for b in (low, high))
-    if (use_reference() or bins < 2 or low.shape != (n,) or high.shape != (n,)
+    # the C kernel (built at first use): one pass per element, any strides; torch.compile
+    # keeps it in its graph as a custom operator
+    native = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+              and native_spline.available() and (not is_compiling() or native_spline.traceable()))
+    if (use_reference(compiled_ok=native) or bins < 2 or low.shape != (n,) or high.shape != (n,)
             or not x.dtype == params.dtype == low.dtype == high.dtype
             or low.requires_grad or high.requires_grad):
         # torch.func transforms (vmap, jacrev, hessian) and forward-mode AD differentiate
@@ -204,6 +210,8 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
         return _reference(x, params, low, high, bins, min_bin_width, min_bin_height,
                           min_derivative, inverse)
     consts = (bins, min_bin_width, min_bin_height, min_derivative, inverse)
+    if native:
+        return native_spline.rq_spline(x, params, low, high, *consts)
     if x.dim() == 2 and params.stride(0) == 1 and params.stride(2) == x.shape[0]:
         # batch-minor parameters (a conditioner's transposed output, memory (n, P, B)):
         # the parameter-major view is free, and only x (n values per row) is transposed
