@@ -1,10 +1,26 @@
-"""The fused spline equals the reference knots + spline to every derivative order."""
+"""The fused spline equals the reference knots + spline to every derivative order.
+
+Every test runs on both fused implementations: the C kernel (``native``, where it builds)
+and the tensor-op Function (``torch``, what runs without a C compiler, on other devices
+and under ``torch.compile`` when the kernel's custom operator is unavailable).
+"""
 
 import pytest
 import torch
 from torch.func import hessian, jacrev, vmap
 
+from normflux.transforms import native_spline
 from normflux.transforms.fused_spline import _reference, fused_rq_spline
+
+
+@pytest.fixture(autouse=True, params=["native", "torch"])
+def backend(request, monkeypatch):
+    if request.param == "native":
+        if not native_spline.available():
+            pytest.skip("the spline's C kernel did not build here")
+    else:
+        monkeypatch.setattr(native_spline, "available", lambda: False)
+    return request.param
 
 
 def _setup(K, B=6, n=3, seed=0):
