@@ -205,3 +205,80 @@ def test_build_is_cached_per_source_and_machine(tmp_path):
     subprocess.run([sys.executable, "-c", code], env=environ, check=True, timeout=300,
                    capture_output=True)
     assert built[0].stat().st_mtime_ns == mtime  # not rebuilt
+
+
+# ---------------------------------------------------------------- found by a breaker pass
+@needs_kernel
+def test_box_ends_with_different_strides():
+    """A scalar ``low`` beside an ``(n,)`` ``high`` (stride 0 against 1) reads each with
+    its own stride."""
+    K = 5
+    x, p, low, high = _problem(K, B=20, n=4, dtype=torch.float64)
+    for lo, hi in ((-2.5, high), (low, 2.5), (low, torch.stack([high, high], 1)[:, 1])):
+        y, lad = fused_rq_spline(x, p, lo, hi, bins=K)
+        lo_t = torch.as_tensor(lo, dtype=torch.float64).expand(4)
+        hi_t = torch.as_tensor(hi, dtype=torch.float64).expand(4)
+        yr, lr = _reference(x, p, lo_t, hi_t, K, *FLOORS, False)
+        assert (y - yr).abs().max() < 1e-12 and (lad - lr).abs().max() < 1e-12
+
+
+@needs_kernel
+def test_tiny_slopes_without_a_floor():
+    """softplus of a very negative parameter (min_derivative = 0) stays accurate: the
+    ladj at an interior knot is finite and equals the reference's."""
+    K = 2
+    p = torch.zeros(4, 1, 3 * K - 1, dtype=torch.float64)
+    p[:, 0, 2 * K] = torch.tensor([-30.0, -36.0, -40.0, -60.0])
+    x = torch.zeros(4, 1, dtype=torch.float64)  # the interior knot of two equal bins
+    lo, hi = torch.tensor([-3.0], dtype=torch.float64), torch.tensor([3.0], dtype=torch.float64)
+    y, lad = fused_rq_spline(x, p, lo, hi, bins=K, min_derivative=0.0)
+    yr, lr = _reference(x, p, lo, hi, K, 1e-3, 1e-3, 0.0, False)
+    assert torch.isfinite(lad).all() and (lad - lr).abs().max() < 1e-9
+    assert (lad.flatten() - torch.tensor([-30.0, -36.0, -40.0, -60.0], dtype=torch.float64)
+            ).abs().max() < 1.0  # log slope ~ the parameter
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_batched_vector_jacobian_products(inverse):
+    """``is_grads_batched`` (the backward receives batched gradients without storage) and
+    ``jacobian(vectorize=True)`` differentiate the reference."""
+    K, B, n = 4, 5, 3
+    x, p, low, high = _problem(K, B=B, n=n, dtype=torch.float64)
+    x, p = x.requires_grad_(), p.detach().requires_grad_()
+    y, _ = fused_rq_spline(x, p, low, high, bins=K, inverse=inverse)
+    yr, _ = _reference(x, p, low, high, K, *FLOORS, inverse)
+    v = torch.eye(B * n, dtype=torch.float64).view(B * n, B, n)
+    (J,) = torch.autograd.grad(y, x, v, is_grads_batched=True)
+    (Jr,) = torch.autograd.grad(yr, x, v, is_grads_batched=True)
+    assert (J - Jr).abs().max() < 1e-12
+    f = lambda q: fused_rq_spline(x.detach(), q, low, high, bins=K, inverse=inverse)[1]  # noqa: E731
+    Jp = torch.autograd.functional.jacobian(f, p.detach(), vectorize=True)
+    assert Jp.shape == (B, n, B, n, 3 * K - 1) and torch.isfinite(Jp).all()
+
+
+def test_degenerate_shapes():
+    K = 4
+    y, lad = fused_rq_spline(torch.zeros(3, 0), torch.zeros(3, 0, 3 * K - 1), torch.zeros(0),
+                             torch.zeros(0), bins=K)
+    assert y.shape == lad.shape == (3, 0)
+    with pytest.raises(ValueError, match="0-d"):
+        fused_rq_spline(torch.tensor(0.5), torch.zeros(3 * K - 1), -3.0, 3.0, bins=K)
+
+
+def test_compile_fullgraph_before_any_eager_call(tmp_path):
+    """torch.compile(fullgraph=True) traced as the first use in a process (the kernel not
+    yet loaded) takes the availability check as a constant instead of tracing the build."""
+    code = (
+        "import torch\n"
+        "from normflux.transforms.fused_spline import fused_rq_spline\n"
+        "x = torch.randn(7, 3); p = torch.randn(7, 3, 23)\n"
+        "lo, hi = torch.full((3,), -3.0), torch.full((3,), 3.0)\n"
+        "f = torch.compile(lambda x, p: fused_rq_spline(x, p, lo, hi, bins=8), fullgraph=True,\n"
+        "                  backend='aot_eager')\n"
+        "y, l = f(x, p)\n"
+        "y2, l2 = fused_rq_spline(x, p, lo, hi, bins=8)\n"
+        "assert torch.allclose(y, y2) and torch.allclose(l, l2)\n")
+    environ = dict(os.environ, NORMFLUX_CACHE=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -12,8 +12,9 @@ function, the same map written with differentiable ops:
   closed-form backward, into its graph when the pass is differentiated (faster than
   compiling the reference, whose backward autograd derives: B1 of the speed suite), and
   the reference otherwise;
-* a backward that must itself be differentiable (``create_graph=True``) differentiates
-  the reference (:func:`reference_grads`).
+* a backward that must itself be differentiable (``create_graph=True``), or that runs
+  under a ``torch.func`` transform (batched VJPs), differentiates the reference
+  (:func:`reference_backward`, :func:`reference_grads`).
 """
 
 from __future__ import annotations
@@ -33,12 +34,28 @@ def use_reference(compiled_ok: bool = False) -> bool:
     traces a pass without gradients (inductor fuses the reference's plain forward better
     than a Function of tensor ops; measured on B1 of the speed suite) and the fused
     implementation is not one that compiles as is (``compiled_ok``)."""
-    fn = getattr(torch._C, "_are_functorch_transforms_active", None)
-    if fn is not None and fn():
+    if _functorch_active():
         return True
     if getattr(forward_ad, "_current_level", -1) >= 0:
         return True
     return not compiled_ok and is_compiling() and not torch.is_grad_enabled()
+
+
+def reference_backward(*grads: Tensor) -> bool:
+    """Whether a fused Function's backward (given its output gradients) must
+    differentiate the reference instead: it is itself differentiated
+    (``create_graph=True``), or it runs batched (``torch.func`` transforms, and
+    ``torch.autograd.grad(..., is_grads_batched=True)``, whose gradients are batched
+    tensors without storage)."""
+    if torch.is_grad_enabled() or _functorch_active():
+        return True
+    legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return legacy is not None and any(legacy(g) for g in grads if g is not None)
+
+
+def _functorch_active() -> bool:
+    fn = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return fn is not None and fn()
 
 
 def reference_grads(reference: Callable[..., Sequence[Tensor]], inputs: Sequence,

@@ -137,8 +137,7 @@ class Coupling(Transform):
         idx_a = torch.nonzero(~mask).flatten()
         self.register_buffer("idx_a", idx_a, persistent=False)
         self.register_buffer("idx_b", idx_b, persistent=False)
-        # evenly spaced columns (alternating and half masks) are read as views, not copies
-        self._cols_a, self._cols_b = _as_slice(idx_a.tolist()), _as_slice(idx_b.tolist())
+        self._plan = _split_plan(idx_a.tolist(), idx_b.tolist(), mask.numel())
         old = getattr(self, "spec_b", None)
         dtype = old.low.dtype if old is not None else torch.get_default_dtype()
         self.spec_a = DomainSpec([self.domains[i] for i in idx_a.tolist()]).to(mask.device, dtype)
@@ -156,13 +155,35 @@ class Coupling(Transform):
 
     def _couple(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         self._check(x, context)
-        x_a = x[:, self._cols_a] if self._cols_a is not None else x.index_select(1, self.idx_a)
-        x_b = x[:, self._cols_b] if self._cols_b is not None else x.index_select(1, self.idx_b)
+        x_a, x_b = self._split(x)
         params = self._params(x_a, context)
         f = self.bijection.inverse if inverse else self.bijection.forward
         y_b, lad = f(x_b, params, self.spec_b)
-        y = x.index_copy(1, self.idx_b, y_b)  # functional: x with the B columns replaced
-        return y, lad.sum(dim=1)
+        return self._merge(x_a, y_b, x), lad.sum(dim=1)
+
+    # Half and alternating masks are a split into blocks or pairs, whose views and cat /
+    # stack cost one op each way (also in the backward); other masks gather and scatter.
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        plan = self._plan
+        if plan == "blocks":
+            return x.split([self.idx_a.numel(), self.idx_b.numel()], 1)
+        if plan == "blocks, B first":
+            x_b, x_a = x.split([self.idx_b.numel(), self.idx_a.numel()], 1)
+            return x_a, x_b
+        if plan == "pairs":
+            return x.unflatten(1, (-1, 2)).unbind(-1)
+        if plan == "pairs, B first":
+            x_b, x_a = x.unflatten(1, (-1, 2)).unbind(-1)
+            return x_a, x_b
+        return x.index_select(1, self.idx_a), x.index_select(1, self.idx_b)
+
+    def _merge(self, x_a: Tensor, y_b: Tensor, x: Tensor) -> Tensor:
+        """``x`` with its B columns replaced by ``y_b``."""
+        plan = self._plan
+        if plan is None:
+            return x.index_copy(1, self.idx_b, y_b)
+        parts = (y_b, x_a) if plan.endswith("B first") else (x_a, y_b)
+        return torch.cat(parts, 1) if plan.startswith("blocks") else torch.stack(parts, -1).flatten(1)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._couple(x, context, inverse=False)
@@ -174,9 +195,15 @@ class Coupling(Transform):
         return f"features={self.features}, transformed={self.idx_b.tolist()}"
 
 
-def _as_slice(idx: list[int]) -> slice | None:
-    """``idx`` as a slice when it is an increasing arithmetic progression, else ``None``."""
-    step = idx[1] - idx[0] if len(idx) > 1 else 1
-    if step < 1 or any(b - a != step for a, b in zip(idx, idx[1:])):
-        return None
-    return slice(idx[0], idx[-1] + 1, step)
+def _split_plan(idx_a: list[int], idx_b: list[int], features: int) -> str | None:
+    """How a coupling separates its columns: ``"blocks"`` (A then B), ``"pairs"`` (A, B
+    interleaved starting with A), the same with ``", B first"``, or ``None`` (any other
+    mask: index_select / index_copy)."""
+    na, nb = len(idx_a), len(idx_b)
+    for first, second, tag in ((idx_a, idx_b, ""), (idx_b, idx_a, ", B first")):
+        if first == list(range(len(first))) and second == list(range(len(first), features)):
+            return "blocks" + tag
+        if features % 2 == 0 and na == nb and first == list(range(0, features, 2)) \
+                and second == list(range(1, features, 2)):
+            return "pairs" + tag
+    return None

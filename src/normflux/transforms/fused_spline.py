@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .._tracing import is_compiling
 from . import native_spline
-from ._first_order import reference_grads, use_reference
+from ._first_order import reference_backward, reference_grads, use_reference
 from .splines import (
     _rq_forward,
     _rq_inverse,
@@ -118,8 +118,9 @@ class _FusedRQ(torch.autograd.Function):
         (x, u, low, high, xpt, pw, ph, kf, x0, x1, y0, y1, d0, d1, s0, s1, not_first,
          not_last, inside) = ctx.saved_tensors
         K, mw, mh, md, inverse = ctx.consts
-        if torch.is_grad_enabled():
-            # create_graph=True: differentiate the reference (exact higher derivatives)
+        if reference_backward(gy, gl):
+            # create_graph=True or batched VJPs: differentiate the reference (exact
+            # higher derivatives)
             return tuple(reference_grads(
                 lambda x, u: _reference(x, u.movedim(0, -1), low, high, K, mw, mh, md, inverse),
                 (x, u), (gy, gl))) + (None,) * 7
@@ -186,6 +187,8 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
     """
     if min_bin_width * bins >= 1 or min_bin_height * bins >= 1:
         raise ValueError(f"min_bin_width/min_bin_height too large for {bins} bins")
+    if x.dim() == 0:
+        raise ValueError("spline inputs must have shape (..., n), got a 0-d tensor")
     if params.shape[-1] != 3 * bins - 1:
         raise ValueError(f"spline expects {3 * bins - 1} parameters per coordinate for {bins} "
                          f"bins, got {params.shape[-1]}")
@@ -200,13 +203,14 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
     # keeps it in its graph as a custom operator
     native = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
               and native_spline.available() and (not is_compiling() or native_spline.traceable()))
-    if (use_reference(compiled_ok=native) or bins < 2 or low.shape != (n,) or high.shape != (n,)
+    if (use_reference(compiled_ok=native) or bins < 2 or n == 0
+            or low.shape != (n,) or high.shape != (n,)
             or not x.dtype == params.dtype == low.dtype == high.dtype
             or low.requires_grad or high.requires_grad):
         # torch.func transforms (vmap, jacrev, hessian) and forward-mode AD differentiate
         # the reference, whose every derivative order is exact (the fused backward is
-        # first-order only); so do a learnable box, mixed dtypes (promoted there) and a
-        # single bin (no interior slope)
+        # first-order only); so do a learnable box, mixed dtypes (promoted there), a
+        # single bin (no interior slope) and no coordinates
         return _reference(x, params, low, high, bins, min_bin_width, min_bin_height,
                           min_derivative, inverse)
     consts = (bins, min_bin_width, min_bin_height, min_derivative, inverse)

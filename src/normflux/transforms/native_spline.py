@@ -8,11 +8,12 @@ storage type (one rounding on store), reading every tensor through its strides. 
 replaces some 150 tensor ops per layer and pass, which is what a spline layer costs on
 a CPU at small and moderate batch sizes.
 
-The kernel is compiled with the system's C compiler (``$CC``, else ``cc``) the first time
-a process needs it and cached in ``$NORMFLUX_CACHE`` (default
-``~/.cache/normflux``), keyed by the source, the flags, the compiler and the CPU. It
-is optional: without a compiler, with ``NORMFLUX_NATIVE=0``, on other devices, or when
-the build fails, :func:`available` is false and the splines run on tensor ops.
+The kernel is compiled with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or
+``clang``) the first time a process needs it, and cached in ``$NORMFLUX_CACHE`` (default
+``~/.cache/normflux``), keyed by the source, the flags, the compiler and the CPU. It is
+optional: without a compiler, with ``NORMFLUX_NATIVE=0``, on other devices, or when the
+build fails, :func:`available` is false and the splines run on tensor ops (a failed build
+is retried by the next process, not cached).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .._tracing import is_compiling
-from ._first_order import reference_grads
+from ._first_order import reference_backward, reference_grads
 
 __all__ = ["available", "rq_spline"]
 
@@ -70,14 +72,13 @@ def _cpu_id() -> str:
     return "\n".join(dict.fromkeys(lines))
 
 
-def _compile(cc: str, flags: list[str], out: Path) -> bool:
+def _compile(cc: list[str], flags: list[str], out: Path) -> bool:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         tmp_so = Path(tmp) / out.name
-        cmd = [cc, "-shared", "-fPIC", str(_SOURCE), "-o", str(tmp_so)]
         # libraries after the source (link order)
-        cmd[1:1] = [f for f in flags if not f.startswith("-l")]
-        cmd += [f for f in flags if f.startswith("-l")]
+        cmd = (cc + ["-shared", "-fPIC"] + [f for f in flags if not f.startswith("-l")]
+               + [str(_SOURCE), "-o", str(tmp_so)] + [f for f in flags if f.startswith("-l")])
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as e:
@@ -93,18 +94,23 @@ def _compile(cc: str, flags: list[str], out: Path) -> bool:
 def _load() -> ctypes.CDLL | None:
     if os.environ.get("NORMFLUX_NATIVE", "1") == "0" or not sys.platform.startswith(("linux", "darwin")):
         return None
-    cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
+    if os.environ.get("CC"):  # the user's compiler, with its arguments ("ccache gcc")
+        cc = shlex.split(os.environ["CC"])
+    else:
+        found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+        cc = [found] if found else []
+    if not cc or shutil.which(cc[0]) is None:
         return None
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True,
+        version = subprocess.run(cc + ["--version"], capture_output=True, text=True,
                                  timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     source = _SOURCE.read_bytes()
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join(
-            [source, " ".join(flags).encode(), version.encode(), _cpu_id().encode()])).hexdigest()
+            [source, " ".join(cc + flags).encode(), version.encode(), _cpu_id().encode()])
+        ).hexdigest()
         path = _cache_dir() / f"rq_kernel-{key[:20]}.so"
         if not path.exists() and not _compile(cc, flags, path):
             continue
@@ -125,6 +131,7 @@ _LIB: ctypes.CDLL | None = None
 _TRIED = False
 
 
+@torch.compiler.assume_constant_result  # traced by torch.compile as its value (it may build)
 def available() -> bool:
     """Whether the C kernel is built and loaded (builds it on the first call).
 
@@ -151,7 +158,7 @@ def _call(fn, x: Tensor, u: Tensor, low: Tensor, high: Tensor, consts: tuple, *,
     K, mw, mh, md, inverse = consts
     xs, us = x.stride(), u.stride()
     io = [x.shape[1], x.shape[0], x.data_ptr(), xs[1], xs[0], u.data_ptr(), us[2], us[1], us[0],
-          low.data_ptr(), high.data_ptr(), low.stride(0)]
+          low.data_ptr(), high.data_ptr(), low.stride(0), high.stride(0)]
     if gy is None:
         io += (0, 0, 0, 0, 0, 0)
     else:
@@ -206,7 +213,7 @@ def _reference_vjp(x, params, low, high, gy, gl, consts):
 
 
 def _vjp(x, params, low, high, sv, gy, gl, consts, backward=None):
-    if torch.is_grad_enabled():
+    if reference_backward(gy, gl):
         return _reference_vjp(x, params, low, high, gy, gl, consts)
     return (backward or _backward)(x, params, low, high, sv, gy, gl, consts)
 

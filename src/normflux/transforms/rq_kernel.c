@@ -60,7 +60,14 @@ typedef struct {
     double out[TILE], lad[TILE], gy[TILE], gl[TILE], tmp[TILE], tmp2[TILE];
 } tile_t;
 
-INLINE double softplus(double z) { return (z > 0 ? z : 0.0) + log(1.0 + exp(-fabs(z))); }
+/* log(1 + e) for e >= 0, accurate also where 1 + e rounds to 1 (Goldberg's correction:
+ * log(u) * e / (u - 1) with u = 1 + e), with log alone (which the vector library has). */
+INLINE double log1p_pos(double e) {
+    const double u = 1.0 + e;
+    return u == 1.0 ? e : log(u) * e / (u - 1.0);
+}
+
+INLINE double softplus(double z) { return (z > 0 ? z : 0.0) + log1p_pos(exp(-fabs(z))); }
 
 INLINE double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
 
@@ -284,7 +291,7 @@ typedef struct {
     int64_t R, C;                        /* grid */
     const void *x; int64_t sxr, sxc;     /* input (output y for the inverse) */
     const void *u; int64_t suk, sur, suc;
-    const void *low, *high; int64_t slr; /* per row */
+    const void *low, *high; int64_t slr, shr; /* per row */
     const void *gy, *gl; int64_t sgyr, sgyc, sglr, sglc;
     void *y, *lad; int64_t syr, syc;     /* forward outputs */
     void *gx; int64_t sgxr, sgxc;        /* backward outputs */
@@ -344,7 +351,7 @@ int nfx_rq_forward(int dbl, int K, double mw, double mh, double md, int inverse,
             load(io->u, dbl, k * io->suk + r * io->sur + c0 * io->suc, io->suc, n, ROW(t->u, k));
         load(io->x, dbl, r * io->sxr + c0 * io->sxc, io->sxc, n, t->x);
         load(io->low, dbl, r * io->slr, 0, n, t->lo);
-        load(io->high, dbl, r * io->slr, 0, n, t->hi);
+        load(io->high, dbl, r * io->shr, 0, n, t->hi);
         softmax(&s, t, n, 0);
         softmax(&s, t, n, 1);
         locate(&s, t, n);
@@ -384,7 +391,7 @@ int nfx_rq_backward(int dbl, int K, double mw, double mh, double md, int inverse
         softmax(&s, t, n, 0);
         softmax(&s, t, n, 1);
         load(io->low, dbl, r * io->slr, 0, n, t->lo);
-        load(io->high, dbl, r * io->slr, 0, n, t->hi);
+        load(io->high, dbl, r * io->shr, 0, n, t->hi);
         load(io->gy, dbl, r * io->sgyr + c0 * io->sgyc, io->sgyc, n, t->gy);
         load(io->gl, dbl, r * io->sglr + c0 * io->sglc, io->sglc, n, t->gl);
         if (inverse)
