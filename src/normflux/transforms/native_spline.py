@@ -181,8 +181,8 @@ def _call(fn, x: Tensor, u: Tensor, low: Tensor, high: Tensor, consts: tuple, *,
 
 
 # rows of the float64 tensor the forward saves for the backward (``SAVED_ROWS`` in
-# ``rq_kernel.c``): nine per-element quantities of the located bin
-_SAVED_ROWS = 9
+# ``rq_kernel.c``): eight per-element quantities of the located bin
+_SAVED_ROWS = 8
 
 
 def _forward(x: Tensor, params: Tensor, low: Tensor, high: Tensor, consts: tuple,

@@ -8,7 +8,7 @@
  *
  * The forward can save what the backward needs of the located bin, per element and in
  * double precision: the bin coordinate xi, the bin's width w, height h and end slopes
- * d0, d1, the bin index, whether the input lies in the box and the slopes' sigmoids
+ * d0, d1, the bin index (-1 outside the box) and the slopes' sigmoids
  * (SAVED_ROWS values). The backward then recomputes only the softmax and needs no search
  * and no log. (Saved in float32, xi alone would move float32 gradients by up to ~20 ulp:
  * the gradients' derivatives in xi scale with 1 / w^2.)
@@ -38,7 +38,7 @@ double log(double);
 #define ROW(a, i) ((a) + (int64_t)(i) * TILE)
 
 /* rows of the saved tensor */
-enum { SV_XI, SV_W, SV_H, SV_D0, SV_D1, SV_K, SV_IN, SV_SG0, SV_SG1, SAVED_ROWS };
+enum { SV_XI, SV_W, SV_H, SV_D0, SV_D1, SV_BIN, SV_SG0, SV_SG1, SAVED_ROWS };
 
 typedef struct {
     int K;           /* bins */
@@ -67,9 +67,14 @@ INLINE double log1p_pos(double e) {
     return u == 1.0 ? e : log(u) * e / (u - 1.0);
 }
 
-INLINE double softplus(double z) { return (z > 0 ? z : 0.0) + log1p_pos(exp(-fabs(z))); }
+/* softplus(z) and its derivative sigmoid(z), from one exp: e = exp(-|z|). */
+typedef struct { double value, slope; } softplus_t;
 
-INLINE double sigmoid(double z) { return 1.0 / (1.0 + exp(-z)); }
+INLINE softplus_t softplus(double z) {
+    const double e = exp(-fabs(z));
+    const softplus_t r = {(z > 0 ? z : 0.0) + log1p_pos(e), (z >= 0 ? 1.0 : e) / (1.0 + e)};
+    return r;
+}
 
 /* ------------------------------------------------------------------ strided I/O */
 static void load(const void *base, int dbl, int64_t off, int64_t stride, int n, double *dst) {
@@ -170,8 +175,11 @@ static void locate(const spec_t *s, tile_t *t, int n) {
     LANES {
         t->nf[j] = t->kf[j] >= 1.0 ? 1.0 : 0.0;
         t->nl[j] = t->kf[j] <= K - 2.0 ? 1.0 : 0.0;
-        t->d0[j] = t->nf[j] != 0.0 ? s->md + softplus(t->s0[j]) : 1.0;
-        t->d1[j] = t->nl[j] != 0.0 ? s->md + softplus(t->s1[j]) : 1.0;
+        const softplus_t sp0 = softplus(t->s0[j]), sp1 = softplus(t->s1[j]);
+        t->d0[j] = t->nf[j] != 0.0 ? s->md + sp0.value : 1.0;
+        t->d1[j] = t->nl[j] != 0.0 ? s->md + sp1.value : 1.0;
+        t->sg0[j] = t->nf[j] * sp0.slope;  /* d slope / d parameter (0 at a boundary) */
+        t->sg1[j] = t->nl[j] * sp1.slope;
     }
 }
 
@@ -325,15 +333,21 @@ static void tile_at(const io_t *io, int64_t tiles, int64_t i, int64_t *r, int64_
 /* The saved rows of one tile (double): from the tile (forward) or into it (backward). */
 static void saved_io(const io_t *io, tile_t *t, int64_t r, int64_t c0,
                      int n, int write) {
-    double *rows[SAVED_ROWS] = {t->xi, t->w, t->h, t->d0, t->d1, t->kf, t->inside, t->sg0, t->sg1};
+    double *rows[SAVED_ROWS] = {t->xi, t->w, t->h, t->d0, t->d1, t->tmp, t->sg0, t->sg1};
+    if (write)
+        LANES t->tmp[j] = t->inside[j] != 0.0 ? t->kf[j] : -1.0;
     for (int k = 0; k < SAVED_ROWS; k++) {
-        double *row = rows[k];
         const int64_t off = k * io->svk + r * io->svr + c0 * io->svc;
         if (write)
-            store(io->sv, 1, off, io->svc, n, row);
+            store(io->sv, 1, off, io->svc, n, rows[k]);
         else
-            load(io->sv, 1, off, io->svc, n, row);
+            load(io->sv, 1, off, io->svc, n, rows[k]);
     }
+    if (!write)
+        LANES {
+            t->inside[j] = t->tmp[j] >= 0.0 ? 1.0 : 0.0;
+            t->kf[j] = t->tmp[j] >= 0.0 ? t->tmp[j] : 0.0;  /* outside: no gradient anyway */
+        }
 }
 
 /* y, lad of the spline (inverse: x, lad of the inverse) and, if io->sv, what the backward
@@ -361,13 +375,8 @@ int nfx_rq_forward(int dbl, int K, double mw, double mh, double md, int inverse,
             LANES eval_lane(t, j, 0);
         store(io->y, dbl, r * io->syr + c0 * io->syc, io->syc, n, t->out);
         store(io->lad, dbl, r * io->syr + c0 * io->syc, io->syc, n, t->lad);
-        if (io->sv) {
-            LANES {
-                t->sg0[j] = t->nf[j] * sigmoid(t->s0[j]);
-                t->sg1[j] = t->nl[j] * sigmoid(t->s1[j]);
-            }
+        if (io->sv)
             saved_io(io, t, r, c0, n, 1);
-        }
     }
     tile_free(t);
     return 0;
