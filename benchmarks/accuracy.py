@@ -12,10 +12,15 @@ and 20 (sharper splines: narrow bins, extreme slopes), float32 inputs are placed
 * ``tails``: on the box ends ``+-3`` and 1..64 ulps either side, and far out (``+-1e4``);
 * ``sweep``: 20001 points evenly over ``[-3.5, 3.5]``;
 
-then mapped forward and back through (a) the fused eager kernel
-(:func:`normflux.transforms.fused_spline.fused_rq_spline`) and (b) the reference
-(``spline_knots`` + ``rational_quadratic_spline``, the path ``torch.compile`` and
-``torch.func`` use). Reported per path, over 20 parameter draws per scale:
+then mapped forward and back through the three implementations of
+:func:`normflux.transforms.fused_spline.fused_rq_spline`: (a) ``kernel``, the C kernel (the
+eager CPU path where it builds; computed in float64, rounded once), (b) ``fused-ops``, the
+tensor-op Function (without a C compiler, on other devices), and (c) ``reference``
+(``spline_knots`` + ``rational_quadratic_spline``, the path ``torch.func`` uses). Reported
+per path, over 20 parameter draws per scale:
+
+* ``forward``: max ``|f(x) - y| / (eps (1 + |y|))`` with ``f`` in float64: the forward
+  error in units of float32 eps (correct rounding gives at most 0.5);
 
 * ``backward``: max ``|f(f^-1(y)) - y| / (eps (1 + |y|) (1 + f'))`` with ``y = f(x)``,
   ``f`` and ``f'`` evaluated in float64 at the float32 inverse: the inverse's backward
@@ -37,6 +42,7 @@ import sys
 
 import torch
 
+from normflux.transforms import native_spline
 from normflux.transforms.fused_spline import _reference, fused_rq_spline
 from normflux.transforms.splines import spline_knots
 
@@ -59,11 +65,23 @@ def _near(points: torch.Tensor, ulps=(0, 1, 2, 4, 8, 16, 32, 64)) -> torch.Tenso
     return torch.cat(out)
 
 
+def _without_kernel(f):
+    def g(*args):
+        available = native_spline.available
+        native_spline.available = lambda: False
+        try:
+            return f(*args)
+        finally:
+            native_spline.available = available
+    return g
+
+
 def _paths(x, p, low, high):
-    return {
-        "fused": lambda v, inverse: fused_rq_spline(v, p, low, high, bins=K, inverse=inverse),
-        "reference": lambda v, inverse: _reference(v, p, low, high, K, *FLOORS, inverse),
-    }
+    fused = lambda v, inverse: fused_rq_spline(v, p, low, high, bins=K, inverse=inverse)  # noqa: E731
+    paths = {"kernel": fused} if native_spline.available() else {}
+    paths["fused-ops"] = _without_kernel(fused)
+    paths["reference"] = lambda v, inverse: _reference(v, p, low, high, K, *FLOORS, inverse)
+    return paths
 
 
 def measure() -> list[dict]:
@@ -94,16 +112,18 @@ def measure() -> list[dict]:
                     p64 = p.double()
                     y64, l64 = _reference(xr.double(), p64, low.double(), high.double(), K,
                                           *FLOORS, False)
-                    _, lx64 = _reference(x.double(), p64, low.double(), high.double(), K,
-                                         *FLOORS, False)
+                    fx64, lx64 = _reference(x.double(), p64, low.double(), high.double(), K,
+                                            *FLOORS, False)
+                    fe = ((fx64 - y.double()).abs() / (eps * (1 + fx64.abs())))[finite]
                     be = ((y64 - y.double()).abs() / (eps * (1 + y.double().abs())
                                                        * (1 + l64.exp())))[finite]
                     rt = ((xr - x).double().abs() / (eps * ((1 + x.double().abs())
                           + (1 + y.double().abs()) / lx64.exp())))[finite]
                     la = (lf + li).abs()[finite]
                     key = (region, path)
-                    w = worst.setdefault(key, {"backward": 0.0, "roundtrip": 0.0, "ladj": 0.0,
-                                               "nonfinite": 0})
+                    w = worst.setdefault(key, {"forward": 0.0, "backward": 0.0, "roundtrip": 0.0,
+                                               "ladj": 0.0, "nonfinite": 0})
+                    w["forward"] = max(w["forward"], float(fe.max()) if fe.numel() else 0.0)
                     w["backward"] = max(w["backward"], float(be.max()) if be.numel() else 0.0)
                     w["roundtrip"] = max(w["roundtrip"], float(rt.max()) if rt.numel() else 0.0)
                     w["ladj"] = max(w["ladj"], float(la.max()) if la.numel() else 0.0)
@@ -118,12 +138,12 @@ def main() -> int:
     records = measure()
     for r in records:
         print(json.dumps(r))
-    print("\n| scale | region | path | backward error (eps) | round trip (eps, conditioned) "
-          "| max abs ladj_f + ladj_inv | non-finite |")
-    print("|---|---|---|---|---|---|---|")
+    print("\n| scale | region | path | forward error (eps) | backward error (eps) "
+          "| round trip (eps, conditioned) | max abs ladj_f + ladj_inv | non-finite |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in records:
-        print(f"| {r['scale']:g} | {r['region']} | {r['path']} | {r['backward']:.3g} | "
-              f"{r['roundtrip']:.3g} | {r['ladj']:.3g} | {r['nonfinite']} |")
+        print(f"| {r['scale']:g} | {r['region']} | {r['path']} | {r['forward']:.3g} | "
+              f"{r['backward']:.3g} | {r['roundtrip']:.3g} | {r['ladj']:.3g} | {r['nonfinite']} |")
     return 0
 
 

@@ -282,3 +282,15 @@ def test_compile_fullgraph_before_any_eager_call(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+def test_unwritable_cache_falls_back_to_a_temporary_directory(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code = "from normflux.transforms import native_spline; print(native_spline.available())"
+    environ = dict(os.environ, NORMFLUX_CACHE=str(blocker / "cache"))
+    environ.pop("NORMFLUX_NATIVE", None)
+    done = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr

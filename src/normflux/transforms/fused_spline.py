@@ -20,9 +20,15 @@ The same map as ``spline_knots`` followed by ``rational_quadratic_spline`` (Durk
   factor, ``W`` the box width), then ``dL/du = p (dL/dp - <p, dL/dp>)``; the slope
   parameters get ``sigmoid(u + shift)`` times the slope gradients at ``k`` and ``k + 1``.
 
-Second derivatives (``create_graph=True``) fall back to differentiating the reference
-implementation, and under ``torch.func`` transforms the reference is used throughout, so
-every derivative order stays exact (checked against the reference in the tests).
+On CPU tensors (float32, float64) :func:`fused_rq_spline` runs the same map and backward as
+a C kernel instead (:mod:`~normflux.transforms.native_spline`, built at first use), and
+this tensor-op Function is the path without a C compiler, on other devices, and under
+``torch.compile`` where the kernel's custom operator is unavailable.
+
+Second derivatives (``create_graph=True``) and batched VJPs fall back to differentiating
+the reference implementation, and under ``torch.func`` transforms the reference is used
+throughout, so every derivative order stays exact (checked against the reference in the
+tests).
 """
 
 from __future__ import annotations
@@ -161,6 +167,9 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
 
     Equal (to rounding) to ``rational_quadratic_spline(x, *spline_knots(params, low, high,
     bins=bins, ...), inverse=inverse)`` for real coordinates, with a closed-form backward.
+    CPU float32/float64 tensors go through the C kernel where it builds (computed in
+    float64: float32 results correctly rounded; ``NORMFLUX_NATIVE=0`` switches it off),
+    others through a Function of tensor ops.
     That reference itself is evaluated under ``torch.func`` transforms and forward-mode AD,
     in compiled passes without gradients, for a single bin, a box (``low``, ``high``) that
     requires grad, and mixed dtypes. (Where rounding moves a knot by an ulp, an input
@@ -182,8 +191,8 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
         ``(y, ladj)``, each of the shape of ``x``; ``ladj`` elementwise.
 
     Raises:
-        ValueError: ``params`` is not of shape ``x.shape + (3K - 1,)``, or the floors
-            leave no room (``min_bin_width * K >= 1``).
+        ValueError: ``x`` is 0-d, ``params`` is not of shape ``x.shape + (3K - 1,)``, or
+            the floors leave no room (``min_bin_width * K >= 1``).
     """
     if min_bin_width * bins >= 1 or min_bin_height * bins >= 1:
         raise ValueError(f"min_bin_width/min_bin_height too large for {bins} bins")

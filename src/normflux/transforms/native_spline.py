@@ -10,10 +10,11 @@ a CPU at small and moderate batch sizes.
 
 The kernel is compiled with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or
 ``clang``) the first time a process needs it, and cached in ``$NORMFLUX_CACHE`` (default
-``~/.cache/normflux``), keyed by the source, the flags, the compiler and the CPU. It is
-optional: without a compiler, with ``NORMFLUX_NATIVE=0``, on other devices, or when the
-build fails, :func:`available` is false and the splines run on tensor ops (a failed build
-is retried by the next process, not cached).
+``~/.cache/normflux``; a per-user temporary directory if that cannot be written), keyed
+by the source, the flags, the compiler and the CPU. It is optional: without a compiler,
+with ``NORMFLUX_NATIVE=0``, on other devices, or when the build fails, :func:`available`
+is false and the splines run on tensor ops (a failed build is retried by the next
+process, not cached).
 """
 
 from __future__ import annotations
@@ -91,6 +92,23 @@ def _compile(cc: list[str], flags: list[str], out: Path) -> bool:
     return True
 
 
+def _build(cc: list[str], flags: list[str], name: str) -> Path | None:
+    """The cached library ``name``, built if missing; in a per-user temporary directory
+    when the cache directory cannot be written."""
+    fallback = Path(tempfile.gettempdir()) / f"normflux-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    for root in (_cache_dir(), fallback):
+        path = root / name
+        if path.exists():
+            return path
+        try:
+            if _compile(cc, flags, path):
+                return path
+            return None  # the compiler failed: another directory will not help
+        except OSError as e:
+            _log.debug("normflux: cannot build in %s: %s", root, e)
+    return None
+
+
 def _load() -> ctypes.CDLL | None:
     if os.environ.get("NORMFLUX_NATIVE", "1") == "0" or not sys.platform.startswith(("linux", "darwin")):
         return None
@@ -111,8 +129,8 @@ def _load() -> ctypes.CDLL | None:
         key = hashlib.sha256(b"\0".join(
             [source, " ".join(cc + flags).encode(), version.encode(), _cpu_id().encode()])
         ).hexdigest()
-        path = _cache_dir() / f"rq_kernel-{key[:20]}.so"
-        if not path.exists() and not _compile(cc, flags, path):
+        path = _build(cc, flags, f"rq_kernel-{key[:20]}.so")
+        if path is None:
             continue
         try:
             lib = ctypes.CDLL(str(path))
