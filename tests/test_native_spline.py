@@ -161,8 +161,10 @@ def test_custom_operator_passes_opcheck():
         pytest.skip("torch.library.custom_op needs torch >= 2.4")
     K = 5
     x, p, low, high = _problem(K, B=9, n=2, dtype=torch.float64)
-    args = (x.requires_grad_(), p.detach().requires_grad_(), low, high, K, *FLOORS, False)
-    torch.library.opcheck(torch.ops.normflux.rq_spline.default, args)
+    for save in (True, False):
+        args = (x.requires_grad_(), p.detach().requires_grad_(), low, high, K, *FLOORS, False,
+                save)
+        torch.library.opcheck(torch.ops.normflux.rq_spline.default, args)
 
 
 @pytest.mark.parametrize("env", [{"NORMFLUX_NATIVE": "0"}, {"CC": "false"}])

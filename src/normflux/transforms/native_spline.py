@@ -231,7 +231,10 @@ def _reference_vjp(x, params, low, high, gy, gl, consts):
 
 
 def _vjp(x, params, low, high, sv, gy, gl, consts, backward=None):
-    if reference_backward(gy, gl):
+    # the reference also where the forward saved nothing (a compiled pass traced without
+    # gradients, then differentiated anyway): the kernel needs the saved values
+    if (reference_backward(gy, gl) or sv is None
+            or sv.shape != (_SAVED_ROWS, x.shape[1], x.shape[0])):
         return _reference_vjp(x, params, low, high, gy, gl, consts)
     return (backward or _backward)(x, params, low, high, sv, gy, gl, consts)
 
@@ -257,14 +260,15 @@ _op = None
 if hasattr(torch.library, "custom_op"):
     @torch.library.custom_op("normflux::rq_spline", mutates_args=())
     def _op(x: Tensor, params: Tensor, low: Tensor, high: Tensor, bins: int, mw: float,
-            mh: float, md: float, inverse: bool) -> tuple[Tensor, Tensor, Tensor]:
-        return _forward(x, params, low, high, (bins, mw, mh, md, inverse), True)
+            mh: float, md: float, inverse: bool, save: bool) -> tuple[Tensor, Tensor, Tensor]:
+        y, lad, sv = _forward(x, params, low, high, (bins, mw, mh, md, inverse), save)
+        return y, lad, sv if save else x.new_empty(0, dtype=torch.float64)
 
     @_op.register_fake
-    def _(x, params, low, high, bins, mw, mh, md, inverse):
+    def _(x, params, low, high, bins, mw, mh, md, inverse, save):
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
-        return y, torch.empty_like(y), x.new_empty((_SAVED_ROWS, x.shape[1], x.shape[0]),
-                                                    dtype=torch.float64)
+        shape = (_SAVED_ROWS, x.shape[1], x.shape[0]) if save else (0,)
+        return y, torch.empty_like(y), x.new_empty(shape, dtype=torch.float64)
 
     @torch.library.custom_op("normflux::rq_spline_backward", mutates_args=())
     def _op_backward(x: Tensor, params: Tensor, low: Tensor, high: Tensor, sv: Tensor,
@@ -277,13 +281,13 @@ if hasattr(torch.library, "custom_op"):
         return torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(params)
 
     def _op_setup(ctx, inputs, output):
-        x, params, low, high, *consts = inputs
+        x, params, low, high, *consts, _ = inputs
         ctx.consts = tuple(consts)
         ctx.save_for_backward(x, params, low, high, output[2])
 
     def _op_vjp(ctx, gy, gl, _):
         return _vjp(*ctx.saved_tensors, gy, gl, ctx.consts,
-                    lambda *a: _op_backward(*a[:-1], *a[-1])) + (None,) * 7
+                    lambda *a: _op_backward(*a[:-1], *a[-1])) + (None,) * 8
 
     _op.register_autograd(_op_vjp, setup_context=_op_setup)
 
@@ -304,12 +308,17 @@ def rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, bins: int, m
 
     Returns:
         ``(y, ladj)`` of the shape of ``x``.
+
+    Raises:
+        MemoryError: the kernel could not allocate its scratch tiles.
     """
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     p3 = params.reshape(-1, n, params.shape[-1])
     if is_compiling():
-        y, lad, _ = _op(x2, p3, low, high, bins, mw, mh, md, inverse)
+        # the saved tensor only where a backward can follow (compiled sampling skips it)
+        save = torch.is_grad_enabled() and (x2.requires_grad or p3.requires_grad)
+        y, lad, _ = _op(x2, p3, low, high, bins, mw, mh, md, inverse, save)
     else:
         y, lad = _NativeRQ.apply(x2, p3, low, high, bins, mw, mh, md, inverse)
     return y.view(x.shape), lad.view(x.shape)
