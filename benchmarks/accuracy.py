@@ -133,7 +133,10 @@ def measure() -> list[dict]:
     return records
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     torch.set_num_threads(1)
     records = measure()
     for r in records:

@@ -1,4 +1,4 @@
-"""Speed suite (issue 4): normflux vs normflows, nflows and zuko, and the bare networks.
+"""Speed suite: normflux vs normflows, nflows and zuko, and the bare networks.
 
 Run::
 

@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,9 +84,11 @@ def _compile(cc: list[str], flags: list[str], out: Path) -> bool:
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         except (OSError, subprocess.SubprocessError) as e:
+            _errors.append(str(e))
             _log.debug("normflux: spline kernel build failed: %s", e)
             return False
         if done.returncode != 0:
+            _errors.append(done.stderr.strip()[-500:] or f"exit status {done.returncode}")
             _log.debug("normflux: spline kernel build failed: %s", done.stderr[-2000:])
             return False
         os.replace(tmp_so, out)  # atomic: concurrent builders each install a whole file
@@ -117,7 +120,10 @@ def _load() -> ctypes.CDLL | None:
     else:
         found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
         cc = [found] if found else []
-    if not cc or shutil.which(cc[0]) is None:
+    if not cc:
+        return None  # no compiler at all: the documented fallback, silently
+    if shutil.which(cc[0]) is None:
+        _warn(f"the C compiler CC={os.environ['CC']!r} was not found")
         return None
     try:
         version = subprocess.run(cc + ["--version"], capture_output=True, text=True,
@@ -142,7 +148,18 @@ def _load() -> ctypes.CDLL | None:
                            ctypes.c_double, ctypes.c_int, ctypes.c_void_p]
             fn.restype = ctypes.c_int
         return lib
+    if _errors:
+        _warn(f"{' '.join(cc)} failed to build it: {_errors[-1]}")
     return None
+
+
+_errors: list[str] = []
+
+
+def _warn(why: str) -> None:
+    warnings.warn(f"normflux: the spline's C kernel is unavailable ({why}); splines run on "
+                  "slower tensor ops. Set NORMFLUX_NATIVE=0 to skip the build.", RuntimeWarning,
+                  stacklevel=3)
 
 
 _LIB: ctypes.CDLL | None = None
@@ -255,10 +272,14 @@ class _NativeRQ(torch.autograd.Function):
 
 
 # The same kernel as operators that torch.compile keeps in its graph (the autograd Function
-# above has less overhead in eager mode); torch >= 2.4.
+# above has less overhead in eager mode); torch >= 2.4. Their names carry a hash of the
+# kernel's source: inductor's on-disk caches key compiled graphs by operator name, so a
+# changed kernel (another saved layout, say) must not meet graphs compiled for the old one.
+_VERSION = hashlib.sha256(_SOURCE.read_bytes()).hexdigest()[:10]
+OP_NAME = f"normflux::rq_spline_{_VERSION}"
 _op = None
 if hasattr(torch.library, "custom_op"):
-    @torch.library.custom_op("normflux::rq_spline", mutates_args=())
+    @torch.library.custom_op(OP_NAME, mutates_args=())
     def _op(x: Tensor, params: Tensor, low: Tensor, high: Tensor, bins: int, mw: float,
             mh: float, md: float, inverse: bool, save: bool) -> tuple[Tensor, Tensor, Tensor]:
         y, lad, sv = _forward(x, params, low, high, (bins, mw, mh, md, inverse), save)
@@ -270,7 +291,7 @@ if hasattr(torch.library, "custom_op"):
         shape = (_SAVED_ROWS, x.shape[1], x.shape[0]) if save else (0,)
         return y, torch.empty_like(y), x.new_empty(shape, dtype=torch.float64)
 
-    @torch.library.custom_op("normflux::rq_spline_backward", mutates_args=())
+    @torch.library.custom_op(f"normflux::rq_spline_backward_{_VERSION}", mutates_args=())
     def _op_backward(x: Tensor, params: Tensor, low: Tensor, high: Tensor, sv: Tensor,
                      gy: Tensor, gl: Tensor, bins: int, mw: float, mh: float, md: float,
                      inverse: bool) -> tuple[Tensor, Tensor]:
