@@ -210,7 +210,8 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
     low, high = (b.expand(n) if b.dim() == 0 else b for b in (low, high))
     # the C kernel (built at first use): one pass per element, any strides; torch.compile
     # keeps it in its graph as a custom operator
-    native = (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    native = (x.device.type == params.device.type == low.device.type == high.device.type == "cpu"
+              and x.dtype in (torch.float32, torch.float64)
               and native_spline.available() and (not is_compiling() or native_spline.traceable()))
     if (use_reference(compiled_ok=native) or bins < 2 or n == 0
             or low.shape != (n,) or high.shape != (n,)

@@ -39,7 +39,7 @@ from torch import Tensor
 from .._tracing import is_compiling
 from ._first_order import reference_backward, reference_grads
 
-__all__ = ["available", "rq_spline"]
+__all__ = ["available", "rq_spline", "traceable"]
 
 _log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("rq_kernel.c")
