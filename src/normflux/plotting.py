@@ -25,7 +25,6 @@ from mpl_toolkits.mplot3d import Axes3D  # noqa: E402,F401 - registers the 3-D p
 __all__ = ["plot_cylinder", "plot_samples", "cylinder_grid"]
 
 
-
 def _finish(fig, path, title):
     """Add the optional title, lay out, write the PNG and close the figure; returns ``path``."""
     if title:
@@ -34,6 +33,7 @@ def _finish(fig, path, title):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
 
 def _numpy(a) -> np.ndarray:
     if isinstance(a, torch.Tensor):

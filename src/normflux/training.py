@@ -102,7 +102,6 @@ def _step(flow: nn.Module, loss: Tensor, opt, sched, clip: float | None, *, wher
     return value
 
 
-@torch.no_grad()
 def _check_finite(t: Tensor, name: str) -> None:
     """Raise a ValueError naming the first rows of ``t`` with NaN/Inf (or float overflow)."""
     if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -112,6 +111,7 @@ def _check_finite(t: Tensor, name: str) -> None:
                          "overflow to Inf")
 
 
+@torch.no_grad()
 def evaluate_nll(flow: nn.Module, data: Tensor, context: Tensor | None = None,
                  batch_size: int = 4096) -> float:
     """Mean negative log-likelihood ``-mean log p(x | c)`` in nats per example.
@@ -142,8 +142,7 @@ def evaluate_nll(flow: nn.Module, data: Tensor, context: Tensor | None = None,
         for i in range(0, data.shape[0], batch_size):
             xb = data[i:i + batch_size].to(device=device, dtype=dtype)
             cb = None if context is None else context[i:i + batch_size].to(device=device, dtype=dtype)
-            with torch.no_grad():
-                total += float(flow.log_prob(xb, cb).double().sum())
+            total += float(flow.log_prob(xb, cb).double().sum())
     finally:
         flow.train(was)
     return -total / data.shape[0]

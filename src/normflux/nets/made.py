@@ -88,7 +88,6 @@ class _MaskedResidualBlock(nn.Module):
         return self.act(h + self.l2(self.act(self.l1(h))))
 
 
-
 def _refresh_caches(made: "MADE", incompatible_keys=None) -> None:
     """Cache, as Python lists (free under ``torch.compile``), the generation order and how
     many units of each hidden layer have a degree below each input's degree; again after
@@ -97,6 +96,7 @@ def _refresh_caches(made: "MADE", incompatible_keys=None) -> None:
     deg = made.degrees.cpu()
     made.generation_order = torch.argsort(deg, stable=True).tolist()
     made._counts = [torch.searchsorted(d.sort().values, deg).tolist() for d in made._hidden_deg]
+
 
 class MADE(nn.Module):
     """Masked MLP whose output for input ``i`` depends only on inputs of lower degree.
@@ -297,5 +297,3 @@ class MADE(nn.Module):
             return linear(h, w_head[rows, :c], self.head.bias[rows])
 
         return params
-
-

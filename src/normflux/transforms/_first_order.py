@@ -49,6 +49,8 @@ def reference_backward(*grads: Tensor) -> bool:
     tensors without storage)."""
     if torch.is_grad_enabled() or _functorch_active():
         return True
+    if is_compiling():  # a traced backward never sees batched gradients (nor can dynamo
+        return False    # trace the check)
     legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
     return legacy is not None and any(legacy(g) for g in grads if g is not None)
 

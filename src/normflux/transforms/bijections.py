@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ._first_order import reference_grads, use_reference
+from ._first_order import reference_backward, reference_grads, use_reference
 from .domains import DomainSpec
 from .fused_spline import fused_rq_spline
 from .splines import rational_quadratic_spline, spline_knots
@@ -154,7 +154,7 @@ class _BoundedAffine(torch.autograd.Function):
     def backward(ctx, gy, gs):
         x, r = ctx.saved_tensors
         bound = ctx.bound
-        if torch.is_grad_enabled():  # create_graph=True
+        if reference_backward(gy, gs):  # create_graph=True, or batched VJPs
             g_x, g_r = reference_grads(lambda x, r: _affine(x, torch.zeros_like(x), r, bound),
                                        (x, r), (gy, gs))
             return g_x, gy, g_r, None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -124,7 +126,7 @@ class ActNorm(Transform):
         self.initialize_from_statistics(count, total, total_sq)
 
     def _ladj(self, x: Tensor) -> Tensor:
-        spatial = x[0, 0].numel() if x.shape[0] else int(torch.tensor(x.shape[2:]).prod())
+        spatial = math.prod(x.shape[2:])
         return (-spatial * self.log_scale.sum()).expand(x.shape[0])
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:

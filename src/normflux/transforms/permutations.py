@@ -80,7 +80,6 @@ class Permutation(Transform):
         return f"perm={self.perm.tolist()}"
 
 
-
 def _check_loaded_perm(module: Permutation, incompatible_keys=None) -> None:
     """After ``load_state_dict``: the loaded ``perm`` must be a permutation of the layer's
     coordinates, and ``inv_perm`` is re-derived from it (a stale or missing inverse would
@@ -91,6 +90,7 @@ def _check_loaded_perm(module: Permutation, incompatible_keys=None) -> None:
         raise ValueError(f"loaded perm is not a permutation of 0..{module.features - 1}: "
                          f"{perm.tolist()}")
     module.inv_perm = torch.argsort(perm)
+
 
 class CircularShift(ConstantsMixin, Transform):
     """Rotate circular coordinates by a fixed angle: ``z = wrap(x + shift)``, ``ladj = 0``.

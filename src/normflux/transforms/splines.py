@@ -20,8 +20,8 @@ from .._tracing import is_compiling
 __all__ = ["rational_quadratic_spline", "spline_knots"]
 
 
-def _softmax_floor(u: Tensor, minimum: float | Tensor) -> tuple[Tensor, Tensor]:
-    """Softmax ``p`` over the last axis and the floored bin fractions ``minimum + a p``
+def _normalise(u: Tensor, minimum: float | Tensor) -> Tensor:
+    """Softmax ``p`` over the last axis, floored: the bin fractions ``minimum + a p``
     (``a = 1 - minimum K``), which sum to 1.
 
     The softmax is written out (max-shift, exp, sum): for the short last axes of spline
@@ -30,13 +30,7 @@ def _softmax_floor(u: Tensor, minimum: float | Tensor) -> tuple[Tensor, Tensor]:
     K = u.shape[-1]
     # the shift cancels in the ratio, so it needs no gradient (amax backward is slow)
     e = torch.exp(u - u.detach().amax(dim=-1, keepdim=True))
-    p = e / e.sum(dim=-1, keepdim=True)
-    return p, minimum + (1.0 - minimum * K) * p
-
-
-def _normalise(u: Tensor, minimum: float | Tensor) -> Tensor:
-    """The floored bin fractions of :func:`_softmax_floor`."""
-    return _softmax_floor(u, minimum)[1]
+    return minimum + (1.0 - minimum * K) * (e / e.sum(dim=-1, keepdim=True))
 
 
 def _knots(fractions: Tensor, low: Tensor, high: Tensor) -> Tensor:
