@@ -6,6 +6,7 @@ Run::
     .venv/bin/python benchmarks/suite.py --compile --only B1   # + torch.compile
     .venv/bin/python benchmarks/suite.py --quick --only B4     # smoke run (seconds)
     .venv/bin/python benchmarks/suite.py --profile --only B1,B3  # normflux op profiles
+    python benchmarks/suite.py --device cuda --only B1,B3 --libs zuko  # on a GPU (wall time)
 
 Protocol:
 
@@ -20,6 +21,9 @@ Protocol:
   at warm-up so that a sample lasts ~0.25 s), reported per step;
 * CPU time (``time.process_time``) and wall time (``time.perf_counter``) per step, medians
   over the rounds; ratios are paired: ``ours / peer`` within each round, then the median;
+  with ``--device cuda`` every model, data set and bare network lives on the GPU, a sample
+  ends with ``torch.cuda.synchronize()``, and wall time is the primary figure (CPU time
+  then only counts the host's launch and wait work);
 * a train step is ``grads = None; loss = -log_prob(x).mean(); loss.backward()`` (B4 adds
   ``Adam.step()``); a sample step is ``sample(n)`` under ``torch.no_grad()``;
 * the bare networks ("limit") are the conditioners alone (plain ``nn.Linear`` MLPs /
@@ -166,13 +170,16 @@ class BareSpec:
     passes_sample: int = 1  # sequential passes per net when sampling (D for autoregressive)
 
 
-def bare_step(spec: BareSpec, mode: str, batch: int, gen: torch.Generator) -> tuple[nn.Module, Callable]:
+def bare_step(spec: BareSpec, mode: str, batch: int, gen: torch.Generator,
+              device: torch.device | str = "cpu") -> tuple[nn.Module, Callable]:
     """A step of the bare networks for ``mode`` in ``train``, ``train_adam``, ``sample``."""
     nets = nn.ModuleList(spec.nets())
     perturb(nets, gen)
+    nets.to(device)
     params = list(nets.parameters())
     if mode.startswith("train"):
-        xs = [torch.randn(batch, spec.n_in, generator=gen).requires_grad_() for _ in nets]
+        xs = [torch.randn(batch, spec.n_in, generator=gen).to(device).requires_grad_()
+              for _ in nets]
         opt = torch.optim.Adam(params, lr=1e-3) if mode == "train_adam" else None
 
         def step():
@@ -186,7 +193,7 @@ def bare_step(spec: BareSpec, mode: str, batch: int, gen: torch.Generator) -> tu
                 opt.step()
             return loss
         return nets, step
-    xs = [torch.randn(batch, spec.n_in, generator=gen) for _ in nets]
+    xs = [torch.randn(batch, spec.n_in, generator=gen).to(device) for _ in nets]
     k = spec.passes_sample
 
     def sample_step():
@@ -300,14 +307,16 @@ def num_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def build_handle(bench: Benchmark, lib: str) -> Handle:
-    """The perturbed model of ``lib`` (``"normflux"`` or a peer) for ``bench``."""
+def build_handle(bench: Benchmark, lib: str, device: torch.device | str = "cpu") -> Handle:
+    """The perturbed model of ``lib`` (``"normflux"`` or a peer) for ``bench``, on ``device``
+    (built and perturbed on the CPU, then moved, so that every device times the same model)."""
     torch.manual_seed(0)
     if lib == OURS:
         h = bench.normflux(**bench.arch)
     else:
         h = peers.build(lib, bench.peer_kind, **bench.arch)
     perturb(h.module, torch.Generator().manual_seed(1234))
+    h.module.to(device)
     return h
 
 
@@ -354,14 +363,23 @@ def _finite(out) -> bool:
     return bool(torch.isfinite(out.detach()).all()) if isinstance(out, Tensor) else True
 
 
+#: set by ``main`` for ``--device cuda``: every timed sample then waits for the GPU
+_SYNC: Callable[[], None] | None = None
+
+
 def _timed(step: Callable, reps: int) -> tuple[float, float]:
-    """CPU and wall milliseconds per step over ``reps`` consecutive steps (GC paused)."""
+    """CPU and wall milliseconds per step over ``reps`` consecutive steps (GC paused; on a
+    GPU the device is synchronised before the clocks start and before they stop)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
+        if _SYNC is not None:
+            _SYNC()
         w0, c0 = time.perf_counter(), time.process_time()
         for _ in range(reps):
             step()
+        if _SYNC is not None:
+            _SYNC()
         c1, w1 = time.process_time(), time.perf_counter()
     finally:
         if enabled:
@@ -387,12 +405,13 @@ class Figure:
 
 
 def build_figures(bench: Benchmark, libs: Sequence[str], compile_: bool,
-                  warmup: int) -> list[Figure]:
-    """Build every candidate of every figure of ``bench`` (models, data, steps) and warm up."""
+                  warmup: int, device: torch.device | str = "cpu") -> list[Figure]:
+    """Build every candidate of every figure of ``bench`` (models, data, steps) on ``device``
+    and warm up."""
     figs = []
     for mode in bench.modes:
         fig = Figure(figure_id(bench, mode), bench, mode)
-        x = bench.make_data(torch.Generator().manual_seed(0))
+        x = bench.make_data(torch.Generator().manual_seed(0)).to(device)
         candidates: list[tuple[str, str, bool]] = [(lib, lib, False) for lib in libs]
         if compile_:
             candidates += [(f"{lib}-compiled", lib, True) for lib in COMPILABLE if lib in libs]
@@ -402,11 +421,13 @@ def build_figures(bench: Benchmark, libs: Sequence[str], compile_: bool,
                 fig.errors[name] = "n/a (no builder for this architecture)"
                 continue
             try:
-                h = build_handle(bench, lib)
+                h = build_handle(bench, lib, device)
                 fig.params[name] = num_params(h.module)
                 step = model_step(h, mode, x, bench.sample_n, compiled)
                 w0, c0 = time.perf_counter(), time.process_time()
                 out = step()
+                if _SYNC is not None:
+                    _SYNC()
                 first = (time.perf_counter() - w0, time.process_time() - c0)
                 if compiled:
                     fig.compile_s[name] = {"wall_s": round(first[0], 2), "cpu_s": round(first[1], 2)}
@@ -424,7 +445,8 @@ def build_figures(bench: Benchmark, libs: Sequence[str], compile_: bool,
         if bench.bare is not None:
             try:
                 nets, step = bare_step(bench.bare, mode, bench.batch if mode != "sample"
-                                       else bench.sample_n, torch.Generator().manual_seed(2))
+                                       else bench.sample_n, torch.Generator().manual_seed(2),
+                                       device)
                 fig.params["bare"] = num_params(nets)
                 for _ in range(warmup + 1):
                     step()
@@ -442,12 +464,13 @@ def _ratio_pairs(names: Sequence[str]) -> list[tuple[str, str]]:
     return [(a, b) for a, b in pairs if a in names]
 
 
-def measure(fig: Figure, samples: int, target_s: float) -> dict:
+def measure(fig: Figure, samples: int, target_s: float, device: str = "cpu") -> dict:
     """Time every candidate of ``fig`` round-robin; return the JSON record."""
     names = [n for n in ORDER if n in fig.steps]
     reps = {}
-    for n in names:  # calibrate: one more step each
-        c, _ = _timed(fig.steps[n], 1)
+    for n in names:  # calibrate: one more step each (wall time on a GPU)
+        c, w = _timed(fig.steps[n], 1)
+        c = w if device != "cpu" else c
         reps[n] = max(1, min(200, round(target_s * 1e3 / max(c, 1e-3))))
     cpu = {n: [] for n in names}
     wall = {n: [] for n in names}
@@ -478,12 +501,19 @@ def measure(fig: Figure, samples: int, target_s: float) -> dict:
         "ratio_cpu": {}, "ratio_wall": {},
         "compile_s": fig.compile_s, "params": fig.params, "finite": fig.finite,
         "errors": fig.errors,
-        "threads": torch.get_num_threads(), "versions": versions(),
+        "threads": torch.get_num_threads(), "versions": versions(), "device": _device_name(device),
     }
     for a, b in _ratio_pairs(names):
         rec["ratio_cpu"][f"{a}/{b}"] = round(med([x / y for x, y in zip(cpu[a], cpu[b])]), 3)
         rec["ratio_wall"][f"{a}/{b}"] = round(med([x / y for x, y in zip(wall[a], wall[b])]), 3)
     return rec
+
+
+def _device_name(device: str) -> str:
+    """``"cpu"``, or ``"cuda (NVIDIA H200)"``: what the figures were measured on."""
+    if device == "cpu":
+        return "cpu"
+    return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
 
 
 def _git_state() -> str | None:
@@ -633,6 +663,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="instead of timing, print torch.profiler tables of normflux steps")
     ap.add_argument("--rows", type=int, default=15, help="profile rows (default 15)")
+    ap.add_argument("--device", default="cpu",
+                    help="where models and data live: cpu (default) or cuda[:N]; on a GPU "
+                         "wall time is the primary figure")
     ap.add_argument("--batch", type=int, default=None,
                     help="override the batch (and sample count) of the selected benchmarks, "
                          "e.g. 64 for the small-batch overhead figure")
@@ -640,6 +673,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch is not None and args.batch < 1:
         ap.error(f"--batch must be positive, got {args.batch}")
 
+    device = args.device
+    if device != "cpu":
+        if not device.startswith("cuda"):
+            ap.error(f"--device must be cpu or cuda[:N], got {device!r}")
+        if not torch.cuda.is_available():
+            ap.error(f"--device {device}: torch {torch.__version__} sees no CUDA device")
+        global _SYNC
+        dev = torch.device(device)
+        _SYNC = lambda: torch.cuda.synchronize(dev)  # noqa: E731
     configure_torch()
     ids = [s.strip().upper() for s in args.only.split(",") if s.strip()]
     if not ids:
@@ -651,6 +693,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.error(f"unknown benchmark(s) {unknown}; known: {list(BENCHMARKS)}")
 
     if args.profile:
+        if device != "cpu":
+            ap.error("--profile profiles the CPU steps; drop --device")
         for i in ids:
             print(profile(BENCHMARKS[i], args.rows, 1.5 if not args.quick else 0.2), flush=True)
         return 0
@@ -683,9 +727,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             bench = dataclasses.replace(bench, batch=args.batch, sample_n=args.batch,
                                         title=f"{bench.title} (batch overridden: {args.batch})")
         _log(f"{i}: {bench.title} -- building and warming up")
-        for fig in build_figures(bench, libs, args.compile, warmup):
+        for fig in build_figures(bench, libs, args.compile, warmup, device):
             _log(f"{fig.id}: timing {', '.join(fig.steps)} ({samples} rounds)")
-            rec = measure(fig, samples, target)
+            rec = measure(fig, samples, target, device)
             records.append(rec)
             print(json.dumps(rec), flush=True)
             del fig
@@ -694,23 +738,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cmd = "python benchmarks/suite.py " + " ".join(sys.argv[1:] if argv is None else argv)
     env = versions()
+    tables = [("CPU time (ms/step):", "cpu"), ("Wall time (ms/step):", "wall")]
+    if device != "cpu":  # the GPU's figure is the wall time
+        tables = [("Wall time (ms/step), the primary figure on a GPU:", "wall"),
+                  ("Host CPU time (ms/step; launches and waits):", "cpu")]
     body = "\n".join([
         f"## {'torch.compile' if args.compile else 'eager'}: {', '.join(ids)}"
-        + (f", batch {args.batch}" if args.batch is not None else ""),
+        + (f", batch {args.batch}" if args.batch is not None else "")
+        + (f", {device}" if device != "cpu" else ""),
         "",
         f"`{cmd.strip()}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, "
-        f"{platform.machine()} ({platform.processor() or 'cpu'}), "
+        f"{platform.machine()} ({platform.processor() or 'cpu'}), device {_device_name(device)}, "
         + ", ".join(f"{k} {v}" for k, v in env.items())
         + f", {samples} rounds, {elapsed / 60:.1f} min.",
-        "",
-        "CPU time (ms/step):",
-        "",
-        markdown(records, "cpu"),
-        "",
-        "Wall time (ms/step):",
-        "",
-        markdown(records, "wall"),
     ])
+    for title, unit in tables:
+        body += f"\n\n{title}\n\n{markdown(records, unit)}"
     errs = [f"* {r['figure']} {n}: {e}" for r in records for n, e in r["errors"].items()
             if not e.startswith("n/a")]
     bad = [f"* {r['figure']} {n}: non-finite output" for r in records
@@ -723,6 +766,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         key = f"{'compile' if args.compile else 'eager'} {','.join(ids)}"
         if args.batch is not None:
             key += f" batch {args.batch}"
+        if device != "cpu":
+            key += f" {device}"
         write_results(out, key, body)
         _log(f"written to {out}")
     return 0

@@ -1,0 +1,187 @@
+"""CUDA: every registered layer, every architecture and the fused spline on a GPU agree
+with the CPU, and the GPU paths keep the contract.
+
+Skipped where torch sees no CUDA device (CI has none). On a GPU machine::
+
+    python -m pytest -q tests/test_cuda.py          # add --runslow for the inductor compile
+
+On a GPU the spline takes the fused tensor-op Function (the C kernel is CPU-only), so these
+tests are what checks that path against the C kernel and the reference on real hardware.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import LAYER_BY_NAME, LAYERS, build, inputs
+
+import normflux
+from normflux import models
+from normflux.testing import check_transform
+from normflux.transforms.fused_spline import fused_rq_spline
+from normflux.transforms.splines import rational_quadratic_spline, spline_knots
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+CUDA = torch.device("cuda")
+F64 = torch.float64
+ARCHS = ["nsf", "realnvp", "maf", "iaf", "nsf-ar", "planar", "radial", "sylvester"]
+
+
+def _on(t, device):
+    return None if t is None else t.to(device)
+
+
+def _leaf(t, device, dtype=None):
+    return t.to(device, dtype).detach().requires_grad_()
+
+
+@pytest.mark.parametrize("name", [s.name for s in LAYERS])
+def test_every_layer_passes_the_harness_on_cuda_and_matches_the_cpu(name):
+    spec = LAYER_BY_NAME[name]
+    t_cpu = build(name, jitter=0.3, dtype=F64)
+    x, ctx = inputs(spec, n=8, dtype=F64)
+    t = copy.deepcopy(t_cpu).to(CUDA)
+    report = check_transform(t, x.to(CUDA), _on(ctx, CUDA))
+    assert report.ok, str(report)
+    # data-dependent initialisation (ActNorm) has now run on the GPU copy: give the CPU
+    # copy the same state before comparing
+    t_cpu.load_state_dict({k: v.cpu() for k, v in t.state_dict().items()})
+    t.eval()
+    t_cpu.eval()
+    with torch.no_grad():
+        z, ladj = t(x.to(CUDA), _on(ctx, CUDA))
+        z_ref, ladj_ref = t_cpu(x, ctx)
+        assert z.device.type == "cuda" and ladj.device.type == "cuda"
+        torch.testing.assert_close(z.cpu(), z_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ladj.cpu(), ladj_ref, rtol=1e-10, atol=1e-10)
+        xr, ladj_inv = t.inverse(z, _on(ctx, CUDA))
+        torch.testing.assert_close(xr.cpu(), t_cpu.inverse(z_ref, ctx)[0], rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("context", [None, 3])
+@pytest.mark.parametrize("name", ARCHS)
+def test_every_architecture_trains_and_samples_on_cuda(name, context):
+    if context is not None and name in ("planar", "radial", "sylvester"):
+        context = None  # covered unconditionally; the conditional case is the couplings'
+    flow_cpu = models.build(name, 4, context=context, layers=3, hidden=(16, 16), seed=0).double()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in flow_cpu.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    flow = copy.deepcopy(flow_cpu).to(CUDA)
+    x = torch.randn(64, 4, generator=g, dtype=F64)
+    c = None if context is None else torch.randn(64, context, generator=g, dtype=F64)
+
+    lp = flow.log_prob(x.to(CUDA), _on(c, CUDA))
+    lp_ref = flow_cpu.log_prob(x, c)
+    assert lp.device.type == "cuda"
+    torch.testing.assert_close(lp.cpu(), lp_ref, rtol=1e-9, atol=1e-9)
+
+    (-lp.mean()).backward()
+    (-lp_ref.mean()).backward()
+    for (n, p), p_ref in zip(flow.named_parameters(), flow_cpu.parameters()):
+        assert (p.grad is None) == (p_ref.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad.cpu(), p_ref.grad, rtol=1e-7, atol=1e-9, msg=n)
+
+    with torch.no_grad():
+        s, lq = flow.sample_and_log_prob(32, None if c is None else c[0].to(CUDA))
+    assert s.device.type == "cuda" and s.shape == (32, 4)
+    torch.testing.assert_close(flow.log_prob(s, None if c is None else c[0].to(CUDA)), lq,
+                               rtol=1e-7, atol=1e-7)
+
+
+def _spline_case(inverse, dtype, device, seed=3):
+    """Values and gradients of ``fused_rq_spline`` on a batch with tails and sharp bins."""
+    K, n, B = 8, 5, 512
+    g = torch.Generator().manual_seed(seed)
+    params = 2 * torch.randn(B, n, 3 * K - 1, generator=g, dtype=F64)
+    x = 4 * torch.randn(B, n, generator=g, dtype=F64)  # about a third in the tails
+    xd, pd = _leaf(x, device, dtype), _leaf(params, device, dtype)
+    low = torch.full((n,), -3.0, dtype=dtype, device=device)
+    y, ladj = fused_rq_spline(xd, pd, low, -low, bins=K, inverse=inverse)
+    (y.square().sum() + ladj.sum()).backward()
+    return [t.detach().cpu().to(F64) for t in (y, ladj, xd.grad, pd.grad)]
+
+
+def _rel_err(a, b):
+    return ((a - b).abs() / (1 + b.abs())).max().item()
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_fused_spline_on_cuda_matches_the_cpu_in_float64(inverse):
+    """The tensor-op Function on the GPU against the CPU (the C kernel where it builds):
+    values and gradients to rounding, in float64."""
+    gpu = _spline_case(inverse, F64, CUDA)
+    cpu = _spline_case(inverse, F64, "cpu")
+    for name, a, b in zip(("y", "ladj", "x.grad", "params.grad"), gpu, cpu):
+        assert _rel_err(a, b) < 1e-11, name
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_fused_spline_on_cuda_in_float32_is_as_accurate_as_on_the_cpu(inverse, monkeypatch):
+    """float32 on the GPU against float64: no worse than the same tensor ops on the CPU.
+
+    The GPU runs the tensor-op Function, whose float32 error (cancellation in the bin
+    arithmetic, ``benchmarks/accuracy.py``) is larger than the C kernel's; what must hold is
+    that the GPU's own exp/log/division and FMA contraction do not add to it."""
+    from normflux.transforms import native_spline
+    exact = _spline_case(inverse, F64, "cpu")
+    gpu = _spline_case(inverse, torch.float32, CUDA)
+    monkeypatch.setattr(native_spline, "available", lambda: False)
+    cpu_ops = _spline_case(inverse, torch.float32, "cpu")
+    eps = torch.finfo(torch.float32).eps
+    for name, a, b, ref in zip(("y", "ladj", "x.grad", "params.grad"), gpu, cpu_ops, exact):
+        assert _rel_err(a, ref) <= 4 * _rel_err(b, ref) + 8 * eps, name
+
+
+def test_fused_spline_on_cuda_matches_the_reference():
+    """The fused Function against the differentiable reference, both on the GPU in float64."""
+    for inverse in (False, True):
+        gpu = _spline_case(inverse, F64, CUDA)
+        K, n, B = 8, 5, 512
+        g = torch.Generator().manual_seed(3)
+        params = 2 * torch.randn(B, n, 3 * K - 1, generator=g, dtype=F64)
+        x = 4 * torch.randn(B, n, generator=g, dtype=F64)
+        xd, pd = _leaf(x, CUDA), _leaf(params, CUDA)
+        low = torch.full((n,), -3.0, dtype=F64, device=CUDA)
+        y, ladj = rational_quadratic_spline(xd, *spline_knots(pd, low, -low, bins=K),
+                                            inverse=inverse)
+        (y.square().sum() + ladj.sum()).backward()
+        for name, a, b in zip(("y", "ladj", "x.grad", "params.grad"), gpu,
+                              (y, ladj, xd.grad, pd.grad)):
+            assert _rel_err(a, b.detach().cpu()) < 1e-11, (inverse, name)
+
+
+def test_training_helpers_and_modules_follow_the_device():
+    """A model built on the CPU and moved keeps working after a fit step on the GPU."""
+    flow = models.build("nsf", 2, layers=2, hidden=(16, 16), seed=0).to(CUDA)
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
+    x = torch.randn(256, 2, device=CUDA)
+    before = flow.log_prob(x).mean().item()
+    for _ in range(20):
+        opt.zero_grad()
+        loss = -flow.log_prob(x).mean()
+        loss.backward()
+        opt.step()
+    assert flow.log_prob(x).mean().item() > before
+    assert isinstance(flow, normflux.Flow)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_log_prob_and_sample_on_cuda():
+    torch._dynamo.reset()
+    flow = models.build("nsf", 4, layers=2, hidden=(16, 16), seed=0).to(CUDA).eval()
+    lp = torch.compile(flow.log_prob, fullgraph=True)
+    smp = torch.compile(flow.sample_and_log_prob, fullgraph=True)
+    x = torch.randn(128, 4, device=CUDA)
+    torch.testing.assert_close(lp(x), flow.log_prob(x), rtol=1e-4, atol=1e-4)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        x = 3 * torch.randn(128, 4, device=CUDA)
+        torch.testing.assert_close(lp(x), flow.log_prob(x), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        s, lq = smp(64)
+    torch.testing.assert_close(flow.log_prob(s), lq, rtol=1e-3, atol=1e-3)
