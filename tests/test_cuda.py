@@ -20,6 +20,7 @@ from helpers import LAYER_BY_NAME, LAYERS, build, inputs
 import normflux
 from normflux import models
 from normflux.testing import check_transform
+from normflux.transforms import triton_spline
 from normflux.transforms.fused_spline import fused_rq_spline
 from normflux.transforms.splines import rational_quadratic_spline, spline_knots
 
@@ -94,66 +95,119 @@ def test_every_architecture_trains_and_samples_on_cuda(name, context):
                                rtol=1e-7, atol=1e-7)
 
 
-def _spline_case(inverse, dtype, device, seed=3):
-    """Values and gradients of ``fused_rq_spline`` on a batch with tails and sharp bins."""
-    K, n, B = 8, 5, 512
+@pytest.fixture(params=["triton", "ops"])
+def backend(request, monkeypatch):
+    """The GPU's two spline paths: the Triton kernels, and the tensor-op Function (where
+    Triton is missing or ``NORMFLUX_TRITON=0``)."""
+    if request.param == "ops":
+        monkeypatch.setattr(triton_spline, "available", lambda: False)
+    elif not triton_spline.available():
+        pytest.skip("Triton does not import here")
+    return request.param
+
+
+def _spline_problem(dtype, seed=3, K=8, n=5, B=512):
+    """Inputs (about a third in the tails) and parameters rounded to ``dtype`` once, so that
+    every path below sees the same values."""
     g = torch.Generator().manual_seed(seed)
-    params = 2 * torch.randn(B, n, 3 * K - 1, generator=g, dtype=F64)
-    x = 4 * torch.randn(B, n, generator=g, dtype=F64)  # about a third in the tails
+    params = (2 * torch.randn(B, n, 3 * K - 1, generator=g, dtype=F64)).to(dtype)
+    x = (4 * torch.randn(B, n, generator=g, dtype=F64)).to(dtype)
+    gy, gl = (torch.randn(B, n, generator=g, dtype=F64).to(dtype) for _ in range(2))
+    return x, params, gy, gl, K
+
+
+def _spline_case(inverse, dtype, device, seed=3, fn=None):
+    """Values and gradients (float64, on the CPU) of ``fn`` (``fused_rq_spline`` by default)
+    on the problem, evaluated in ``dtype`` on ``device``."""
+    x, params, gy, gl, K = _spline_problem(dtype, seed)
     xd, pd = _leaf(x, device, dtype), _leaf(params, device, dtype)
-    low = torch.full((n,), -3.0, dtype=dtype, device=device)
-    y, ladj = fused_rq_spline(xd, pd, low, -low, bins=K, inverse=inverse)
-    (y.square().sum() + ladj.sum()).backward()
-    return [t.detach().cpu().to(F64) for t in (y, ladj, xd.grad, pd.grad)]
+    low = torch.full((x.shape[1],), -3.0, dtype=dtype, device=device)
+    fn = fn or (lambda x, p, lo, hi: fused_rq_spline(x, p, lo, hi, bins=K, inverse=inverse))
+    y, ladj = fn(xd, pd, low, -low)
+    gx, gp = torch.autograd.grad((y, ladj), (xd, pd), (gy.to(device, dtype), gl.to(device, dtype)))
+    return [t.detach().cpu().to(F64) for t in (y, ladj, gx, gp)]
+
+
+def _exact(inverse, dtype, device="cpu"):
+    """The differentiable reference in float64 on the problem rounded to ``dtype``."""
+    return _spline_case(inverse, dtype, device, fn=lambda x, p, lo, hi: rational_quadratic_spline(
+        x.double(), *spline_knots(p.double(), lo.double(), hi.double(), bins=8),
+        inverse=inverse))
 
 
 def _rel_err(a, b):
     return ((a - b).abs() / (1 + b.abs())).max().item()
 
 
+NAMES4 = ("y", "ladj", "x.grad", "params.grad")
+
+
 @pytest.mark.parametrize("inverse", [False, True])
-def test_fused_spline_on_cuda_matches_the_cpu_in_float64(inverse):
-    """The tensor-op Function on the GPU against the CPU (the C kernel where it builds):
-    values and gradients to rounding, in float64."""
+def test_fused_spline_on_cuda_matches_the_cpu_in_float64(inverse, backend):
+    """GPU against CPU (the C kernel where it builds): values and gradients to rounding, in
+    float64 (the inverse's gradients to its conditioning: 1/slope amplifies rounding)."""
     gpu = _spline_case(inverse, F64, CUDA)
     cpu = _spline_case(inverse, F64, "cpu")
-    for name, a, b in zip(("y", "ladj", "x.grad", "params.grad"), gpu, cpu):
-        assert _rel_err(a, b) < 1e-11, name
+    for name, a, b in zip(NAMES4, gpu, cpu):
+        assert _rel_err(a, b) < (1e-9 if inverse else 1e-11), name
 
 
 @pytest.mark.parametrize("inverse", [False, True])
-def test_fused_spline_on_cuda_in_float32_is_as_accurate_as_on_the_cpu(inverse, monkeypatch):
-    """float32 on the GPU against float64: no worse than the same tensor ops on the CPU.
+def test_fused_spline_on_cuda_matches_the_reference(inverse, backend):
+    """The fused path against the differentiable reference, both on the GPU, float64."""
+    gpu = _spline_case(inverse, F64, CUDA)
+    ref = _exact(inverse, F64, CUDA)
+    for name, a, b in zip(NAMES4, gpu, ref):
+        assert _rel_err(a, b) < (1e-9 if inverse else 1e-11), name
 
-    The GPU runs the tensor-op Function, whose float32 error (cancellation in the bin
-    arithmetic, ``benchmarks/accuracy.py``) is larger than the C kernel's; what must hold is
-    that the GPU's own exp/log/division and FMA contraction do not add to it."""
-    from normflux.transforms import native_spline
-    exact = _spline_case(inverse, F64, "cpu")
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_triton_kernels_round_float32_correctly(inverse):
+    """Like the C kernel, the Triton kernels compute in float64 and round once: float32
+    values and gradients within 2 ulp of the float64 reference on the same inputs."""
+    if not triton_spline.available():
+        pytest.skip("Triton does not import here")
     gpu = _spline_case(inverse, torch.float32, CUDA)
+    exact = _exact(inverse, torch.float32)
+    eps = torch.finfo(torch.float32).eps
+    for name, a, b in zip(NAMES4, gpu, exact):
+        assert _rel_err(a, b) < 2 * eps, f"{name}: {_rel_err(a, b) / eps:.1f} ulp"
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_tensor_op_path_on_cuda_in_float32_is_as_accurate_as_on_the_cpu(inverse, monkeypatch):
+    """Without Triton the GPU runs the tensor-op Function, whose float32 error
+    (cancellation in the bin arithmetic, ``benchmarks/accuracy.py``) is larger than the
+    kernels'; the GPU's own exp/log/division and FMA contraction must not add to it."""
+    from normflux.transforms import native_spline
+    monkeypatch.setattr(triton_spline, "available", lambda: False)
     monkeypatch.setattr(native_spline, "available", lambda: False)
+    exact = _exact(inverse, torch.float32)
+    gpu = _spline_case(inverse, torch.float32, CUDA)
     cpu_ops = _spline_case(inverse, torch.float32, "cpu")
     eps = torch.finfo(torch.float32).eps
-    for name, a, b, ref in zip(("y", "ladj", "x.grad", "params.grad"), gpu, cpu_ops, exact):
+    for name, a, b, ref in zip(NAMES4, gpu, cpu_ops, exact):
         assert _rel_err(a, ref) <= 4 * _rel_err(b, ref) + 8 * eps, name
 
 
-def test_fused_spline_on_cuda_matches_the_reference():
-    """The fused Function against the differentiable reference, both on the GPU in float64."""
-    for inverse in (False, True):
-        gpu = _spline_case(inverse, F64, CUDA)
-        K, n, B = 8, 5, 512
-        g = torch.Generator().manual_seed(3)
-        params = 2 * torch.randn(B, n, 3 * K - 1, generator=g, dtype=F64)
-        x = 4 * torch.randn(B, n, generator=g, dtype=F64)
-        xd, pd = _leaf(x, CUDA), _leaf(params, CUDA)
-        low = torch.full((n,), -3.0, dtype=F64, device=CUDA)
-        y, ladj = rational_quadratic_spline(xd, *spline_knots(pd, low, -low, bins=K),
-                                            inverse=inverse)
-        (y.square().sum() + ladj.sum()).backward()
-        for name, a, b in zip(("y", "ladj", "x.grad", "params.grad"), gpu,
-                              (y, ladj, xd.grad, pd.grad)):
-            assert _rel_err(a, b.detach().cpu()) < 1e-11, (inverse, name)
+def test_triton_kernels_are_one_launch_per_pass():
+    """The point of the kernels: a spline layer's forward and backward launch one kernel
+    each on the GPU, where the tensor-op Function launches about a hundred."""
+    if not triton_spline.available():
+        pytest.skip("Triton does not import here")
+    from torch.profiler import ProfilerActivity, profile
+    x, params, gy, gl, K = _spline_problem(torch.float32)
+    xd, pd = _leaf(x, CUDA), _leaf(params, CUDA)
+    low = torch.full((x.shape[1],), -3.0, device=CUDA)
+    fused_rq_spline(xd, pd, low, -low, bins=K)  # compile the kernels first
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        y, ladj = fused_rq_spline(xd, pd, low, -low, bins=K)
+        torch.autograd.grad((y, ladj), (xd, pd), (gy.to(CUDA), gl.to(CUDA)))
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    spline = [n for n in names if "_forward_kernel" in n or "_backward_kernel" in n]
+    assert len(spline) == 2, names
 
 
 def test_training_helpers_and_modules_follow_the_device():

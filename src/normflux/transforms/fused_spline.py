@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._tracing import is_compiling
-from . import native_spline
+from . import native_spline, triton_spline
 from ._first_order import reference_backward, reference_grads, use_reference
 from .splines import (
     _rq_forward,
@@ -169,7 +169,9 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
     bins=bins, ...), inverse=inverse)`` for real coordinates, with a closed-form backward.
     CPU float32/float64 tensors go through the C kernel where it builds (computed in
     float64: float32 results correctly rounded; ``NORMFLUX_NATIVE=0`` switches it off),
-    others through a Function of tensor ops.
+    CUDA ones through the same computation as Triton kernels where Triton imports
+    (:mod:`~normflux.transforms.triton_spline`; ``NORMFLUX_TRITON=0`` switches it off;
+    not under ``torch.compile``), others through a Function of tensor ops.
     That reference itself is evaluated under ``torch.func`` transforms and forward-mode AD,
     in compiled passes without gradients, for a single bin, a box (``low``, ``high``) that
     requires grad, and mixed dtypes. (Where rounding moves a knot by an ulp, an input
@@ -226,6 +228,12 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
     consts = (bins, min_bin_width, min_bin_height, min_derivative, inverse)
     if native:
         return native_spline.rq_spline(x, params, low, high, *consts)
+    if (x.is_cuda and x.dtype in (torch.float32, torch.float64) and not is_compiling()
+            and params.device == low.device == high.device == x.device
+            and triton_spline.available()):
+        # the Triton kernels: one launch per pass instead of ~100 (torch.compile fuses
+        # the tensor-op Function below itself)
+        return triton_spline.rq_spline(x, params, low, high, *consts)
     if x.dim() == 2 and params.stride(0) == 1 and params.stride(2) == x.shape[0]:
         # batch-minor parameters (a conditioner's transposed output, memory (n, P, B)):
         # the parameter-major view is free, and only x (n values per row) is transposed
