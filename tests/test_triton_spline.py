@@ -78,3 +78,84 @@ def test_nonfinite_inputs_and_degenerate_shapes(report):
 
 def test_second_derivatives_come_from_the_reference(report):
     assert report["second_derivative"] < 1e-12
+
+
+# ------------------------------------------------------------------ a failing Triton
+class _TritonError(Exception):
+    """Stands for an error raised by Triton itself (compilation, resources, device)."""
+
+
+_TritonError.__module__ = "triton.compiler.errors"
+
+
+class _FailingKernel:
+    def __init__(self, error):
+        self.error = error
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            raise self.error
+        return launch
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    monkeypatch.setattr(triton_spline, "_failure", None)
+    monkeypatch.delenv("NORMFLUX_TRITON", raising=False)
+
+
+def _problem(K=8, B=6, n=3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, n, generator=g, dtype=torch.float64) * 2
+    p = torch.randn(B, n, 3 * K - 1, generator=g, dtype=torch.float64)
+    return x, p, -3.0 * torch.ones(n, dtype=torch.float64), 3.0 * torch.ones(n, dtype=torch.float64)
+
+
+def test_a_triton_failure_warns_once_and_switches_the_kernels_off(fresh_state, monkeypatch):
+    monkeypatch.setattr(triton_spline, "_forward_kernel",
+                        _FailingKernel(_TritonError("at 3:4:\nunsupported on this GPU")))
+    assert triton_spline.available()
+    x, p, lo, hi = _problem()
+    with pytest.warns(RuntimeWarning, match="unsupported on this GPU"):
+        with pytest.raises(triton_spline.KernelUnavailable):
+            triton_spline.rq_spline(x, p, lo, hi, 8, 1e-3, 1e-3, 1e-3, False)
+    assert not triton_spline.available()
+
+
+def test_other_errors_propagate_unchanged(fresh_state, monkeypatch):
+    monkeypatch.setattr(triton_spline, "_forward_kernel", _FailingKernel(MemoryError("oom")))
+    x, p, lo, hi = _problem()
+    with pytest.raises(MemoryError, match="oom"):
+        triton_spline.rq_spline(x, p, lo, hi, 8, 1e-3, 1e-3, 1e-3, False)
+    assert triton_spline.available()
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_a_failing_backward_kernel_differentiates_the_reference(fresh_state, monkeypatch,
+                                                                inverse):
+    """The forward ran (here: stood in for by the reference's values), the backward kernel
+    fails: the gradients come from the reference, exactly."""
+    from normflux.transforms.fused_spline import _reference
+    floors = (1e-3, 1e-3, 1e-3)
+
+    def forward(x2, u3, low, high, K, mw, mh, md, inverse):
+        with torch.no_grad():
+            return _reference(x2, u3, low, high, K, mw, mh, md, inverse)
+    monkeypatch.setattr(triton_spline, "_forward", forward)
+    monkeypatch.setattr(triton_spline, "_backward_kernel", _FailingKernel(_TritonError("x")))
+    x, p, lo, hi = _problem()
+    xa, pa = x.clone().requires_grad_(), p.clone().requires_grad_()
+    with pytest.warns(RuntimeWarning):
+        y, lad = triton_spline.rq_spline(xa, pa, lo, hi, 8, *floors, inverse)
+        ga = torch.autograd.grad((y * y).sum() + lad.sum(), (xa, pa))
+    xb, pb = x.clone().requires_grad_(), p.clone().requires_grad_()
+    y, lad = _reference(xb, pb, lo, hi, 8, *floors, inverse)
+    gb = torch.autograd.grad((y * y).sum() + lad.sum(), (xb, pb))
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert not triton_spline.available()
+
+
+def test_switched_off_by_the_environment(fresh_state, monkeypatch):
+    monkeypatch.setenv("NORMFLUX_TRITON", "0")
+    assert not triton_spline.available()

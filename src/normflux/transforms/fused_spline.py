@@ -233,7 +233,10 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
             and triton_spline.available()):
         # the Triton kernels: one launch per pass instead of ~100 (torch.compile fuses
         # the tensor-op Function below itself)
-        return triton_spline.rq_spline(x, params, low, high, *consts)
+        try:
+            return triton_spline.rq_spline(x, params, low, high, *consts)
+        except triton_spline.KernelUnavailable:
+            pass  # warned once; the tensor ops below from now on
     if x.dim() == 2 and params.stride(0) == 1 and params.stride(2) == x.shape[0]:
         # batch-minor parameters (a conditioner's transposed output, memory (n, P, B)):
         # the parameter-major view is free, and only x (n values per row) is transposed

@@ -14,9 +14,13 @@ saving intermediates (the parameters are alive anyway: the conditioner produced 
 
 Used where Triton imports (it ships with PyTorch's CUDA builds on Linux) for float32 and
 float64 CUDA tensors outside ``torch.compile`` (which fuses the tensor-op Function itself);
-``NORMFLUX_TRITON=0`` switches it off. With ``TRITON_INTERPRET=1`` set before the first
-import, Triton interprets the kernels on CPU tensors, which is how the CPU-only test
-suite checks them against the C kernel (``tests/test_triton_spline.py``).
+``NORMFLUX_TRITON=0`` switches it off. If Triton fails to compile or launch the kernels
+(an old Triton, an unsupported GPU), one warning says why and the process goes on with
+the tensor-op Function, as it does when the C kernel does not build.
+
+With ``TRITON_INTERPRET=1`` set before the first import, Triton interprets the kernels on
+CPU tensors, which is how the CPU-only test suite checks them against the C kernel
+(``tests/test_triton_spline.py``).
 
 Formulas: Durkan et al., "Neural Spline Flows" (NeurIPS 2019), eq. 4 and appendix A;
 their derivatives as in :func:`~normflux.transforms.splines._rq_partials`.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from functools import lru_cache
 
 import torch
@@ -33,7 +38,7 @@ from torch import Tensor
 
 from ._first_order import reference_backward, reference_grads
 
-__all__ = ["available", "rq_spline"]
+__all__ = ["KernelUnavailable", "available", "rq_spline"]
 
 try:  # optional: PyTorch's CUDA wheels bring it; CPU builds usually do not
     import triton
@@ -45,10 +50,39 @@ except Exception:  # pragma: no cover - depends on the installation
 BLOCK = 128
 
 
+#: why the kernels failed in this process (then :func:`available` is false), else None
+_failure: str | None = None
+
+
+class KernelUnavailable(RuntimeError):
+    """Triton could not compile or launch a spline kernel (reported once as a warning);
+    the caller falls back to the tensor-op Function."""
+
+
 def available() -> bool:
-    """Whether the Triton kernels can run: Triton imports and ``NORMFLUX_TRITON`` is not
-    ``"0"``."""
-    return triton is not None and os.environ.get("NORMFLUX_TRITON", "1") != "0"
+    """Whether the Triton kernels can run: Triton imports, ``NORMFLUX_TRITON`` is not
+    ``"0"`` and no kernel has failed in this process."""
+    return (triton is not None and _failure is None
+            and os.environ.get("NORMFLUX_TRITON", "1") != "0")
+
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    """``kernel[grid](*args, **meta)``; an error raised by Triton itself (compilation,
+    resources, an unsupported device) switches the kernels off for the process with one
+    warning and raises :class:`KernelUnavailable`. Other errors (out of memory, ...)
+    propagate unchanged."""
+    global _failure
+    try:
+        kernel[grid](*args, **meta)
+    except Exception as e:
+        if not type(e).__module__.startswith("triton"):
+            raise
+        lines = str(e).strip().splitlines()
+        _failure = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+        warnings.warn(f"normflux: Triton could not run the spline kernels ({_failure}); splines on "
+                      "the GPU use tensor ops in this process (NORMFLUX_TRITON=0 skips the "
+                      "attempt)", RuntimeWarning, stacklevel=2)
+        raise KernelUnavailable(_failure) from e
 
 
 if triton is not None:
@@ -203,37 +237,10 @@ if triton is not None:
         return xi, w, h
 
     @triton.jit
-    def _forward_kernel(x_ptr, u_ptr, lo_ptr, hi_ptr, c_ptr, y_ptr, lad_ptr, N, C,
-                        sxr, sxc, sur, suc, sup, slr, slc, shr, shc, syr, syc, slar, slac,
-                        K: tl.constexpr, INVERSE: tl.constexpr, BLOCK: tl.constexpr):
-        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = idx < N
-        r = idx // C
-        c = idx % C
-        mw = tl.load(c_ptr)
-        mh = tl.load(c_ptr + 1)
-        md = tl.load(c_ptr + 2)
-        shift = tl.load(c_ptr + 3)
-        x = _ld(x_ptr + r * sxr + c * sxc, mask)
-        lo = _ld(lo_ptr + r * slr + c * slc, mask)
-        hi = _ld(hi_ptr + r * shr + c * shc, mask)
-        inside, xs, x0, x1, y0, y1, d0, d1, sg0, sg1, kf, mxw, isw, mxh, ish = _locate(
-            u_ptr + r * sur + c * suc, sup, x, lo, hi, mask, mw, mh, md, shift, K, INVERSE)
-        xi, w, h = _xi_of(inside, xs, x0, x1, y0, y1, d0, d1, INVERSE)
-        yb, lad = _rq_forward(xi, y0, y1, w, h, d0, d1)
-        if INVERSE:
-            yb = tl.minimum(tl.maximum(x0 + xi * w, x0), x1)
-            lad = -lad
-        y = tl.where(inside, yb, x)
-        lad = tl.where(inside, lad, 0.0)
-        tl.store(y_ptr + r * syr + c * syc, y.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(lad_ptr + r * slar + c * slac, lad.to(lad_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _backward_kernel(x_ptr, u_ptr, lo_ptr, hi_ptr, c_ptr, gy_ptr, gl_ptr, gx_ptr, gu_ptr,
-                         N, C, sxr, sxc, sur, suc, sup, slr, slc, shr, shc, sgyr, sgyc,
-                         sglr, sglc, sgxr, sgxc, sgur, sguc, sgup,
-                         K: tl.constexpr, INVERSE: tl.constexpr, BLOCK: tl.constexpr):
+    def _element(x_ptr, u_ptr, lo_ptr, hi_ptr, c_ptr, N, C, sxr, sxc, sur, suc, sup, slr, slc,
+                 shr, shc, K: tl.constexpr, INVERSE: tl.constexpr, BLOCK: tl.constexpr):
+        """This program's elements (row ``r``, column ``c``): the input, the box, the
+        located bin and the bin coordinate -- what the forward and backward share."""
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < N
         r = idx // C
@@ -249,6 +256,35 @@ if triton is not None:
         inside, xs, x0, x1, y0, y1, d0, d1, sg0, sg1, kf, mxw, isw, mxh, ish = _locate(
             ub, sup, x, lo, hi, mask, mw, mh, md, shift, K, INVERSE)
         xi, w, h = _xi_of(inside, xs, x0, x1, y0, y1, d0, d1, INVERSE)
+        return (mask, r, c, x, lo, hi, ub, mw, mh, inside, x0, x1, y0, y1, d0, d1, sg0, sg1, kf,
+                mxw, isw, mxh, ish, xi, w, h)
+
+    @triton.jit
+    def _forward_kernel(x_ptr, u_ptr, lo_ptr, hi_ptr, c_ptr, y_ptr, lad_ptr, N, C,
+                        sxr, sxc, sur, suc, sup, slr, slc, shr, shc, syr, syc, slar, slac,
+                        K: tl.constexpr, INVERSE: tl.constexpr, BLOCK: tl.constexpr):
+        (mask, r, c, x, lo, hi, ub, mw, mh, inside, x0, x1, y0, y1, d0, d1, sg0, sg1, kf,
+         mxw, isw, mxh, ish, xi, w, h) = _element(
+            x_ptr, u_ptr, lo_ptr, hi_ptr, c_ptr, N, C, sxr, sxc, sur, suc, sup, slr, slc, shr,
+            shc, K, INVERSE, BLOCK)
+        yb, lad = _rq_forward(xi, y0, y1, w, h, d0, d1)
+        if INVERSE:
+            yb = tl.minimum(tl.maximum(x0 + xi * w, x0), x1)
+            lad = -lad
+        y = tl.where(inside, yb, x)
+        lad = tl.where(inside, lad, 0.0)
+        tl.store(y_ptr + r * syr + c * syc, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(lad_ptr + r * slar + c * slac, lad.to(lad_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _backward_kernel(x_ptr, u_ptr, lo_ptr, hi_ptr, c_ptr, gy_ptr, gl_ptr, gx_ptr, gu_ptr,
+                         N, C, sxr, sxc, sur, suc, sup, slr, slc, shr, shc, sgyr, sgyc,
+                         sglr, sglc, sgxr, sgxc, sgur, sguc, sgup,
+                         K: tl.constexpr, INVERSE: tl.constexpr, BLOCK: tl.constexpr):
+        (mask, r, c, x, lo, hi, ub, mw, mh, inside, x0, x1, y0, y1, d0, d1, sg0, sg1, kf,
+         mxw, isw, mxh, ish, xi, w, h) = _element(
+            x_ptr, u_ptr, lo_ptr, hi_ptr, c_ptr, N, C, sxr, sxc, sur, suc, sup, slr, slc, shr,
+            shc, K, INVERSE, BLOCK)
         gy_raw = _ld(gy_ptr + r * sgyr + c * sgyc, mask)
         gl_raw = _ld(gl_ptr + r * sglr + c * sglc, mask)
         gy = tl.where(inside, gy_raw, 0.0)
@@ -332,7 +368,7 @@ def _forward(x2, u3, low, high, K, mw, mh, md, inverse):
     if N:
         sur, suc = (u3.stride(1), u3.stride(0)) if bf else (u3.stride(0), u3.stride(1))
         with torch.cuda.device(x2.device) if x2.is_cuda else _nothing():
-            _forward_kernel[(triton.cdiv(N, BLOCK),)](
+            _launch(_forward_kernel, (triton.cdiv(N, BLOCK),),
                 x2, u3, low, high, _consts(x2.device, mw, mh, md), y, lad, N, C,
                 *_rc(x2, bf), sur, suc, u3.stride(2), *_box(low, bf), *_box(high, bf),
                 *_rc(y, bf), *_rc(lad, bf), K=K, INVERSE=inverse, BLOCK=BLOCK)
@@ -347,7 +383,7 @@ def _backward(x2, u3, low, high, gy, gl, K, mw, mh, md, inverse):
         sur, suc = (u3.stride(1), u3.stride(0)) if bf else (u3.stride(0), u3.stride(1))
         sgur, sguc = (gu.stride(1), gu.stride(0)) if bf else (gu.stride(0), gu.stride(1))
         with torch.cuda.device(x2.device) if x2.is_cuda else _nothing():
-            _backward_kernel[(triton.cdiv(N, BLOCK),)](
+            _launch(_backward_kernel, (triton.cdiv(N, BLOCK),),
                 x2, u3, low, high, _consts(x2.device, mw, mh, md), gy, gl, gx, gu, N, C,
                 *_rc(x2, bf), sur, suc, u3.stride(2), *_box(low, bf), *_box(high, bf),
                 *_rc(gy, bf), *_rc(gl, bf), *_rc(gx, bf), sgur, sguc, gu.stride(2),
@@ -377,14 +413,18 @@ class _TritonRQ(torch.autograd.Function):
     def backward(ctx, gy, gl):
         x2, u3, low, high = ctx.saved_tensors
         K, mw, mh, md, inverse = ctx.consts
-        if reference_backward(gy, gl):  # create_graph=True, or batched VJPs
-            from .fused_spline import _reference
+        if not reference_backward(gy, gl):
+            try:
+                gx, gu = _backward(x2, u3, low, high, gy, gl, K, mw, mh, md, inverse)
+                return gx, gu, None, None, None, None, None, None, None
+            except KernelUnavailable:
+                pass  # warned once: differentiate the reference instead
+        # create_graph=True, batched VJPs, or the backward kernel failed
+        from .fused_spline import _reference
 
-            return tuple(reference_grads(
-                lambda x, u: _reference(x, u, low, high, K, mw, mh, md, inverse),
-                (x2, u3), (gy, gl))) + (None,) * 7
-        gx, gu = _backward(x2, u3, low, high, gy, gl, K, mw, mh, md, inverse)
-        return gx, gu, None, None, None, None, None, None, None
+        return tuple(reference_grads(
+            lambda x, u: _reference(x, u, low, high, K, mw, mh, md, inverse),
+            (x2, u3), (gy, gl))) + (None,) * 7
 
 
 def rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, bins: int,
@@ -408,6 +448,8 @@ def rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, bins: int,
 
     Raises:
         RuntimeError: Triton is not importable (check :func:`available` first).
+        KernelUnavailable: Triton failed to compile or launch the forward kernel (warned
+            once; :func:`available` is false from then on).
     """
     if triton is None:
         raise RuntimeError("the Triton spline kernels need Triton, which does not import here")
