@@ -194,3 +194,19 @@ def test_compiled_fullgraph_backward_matches_eager():
     a = torch.autograd.grad(compiled(x, p), (x, p))
     b = torch.autograd.grad(f(x, p), (x, p))
     assert all((u - v).abs().max() < 1e-12 for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("md", [1.0, 1.5, -0.1])
+def test_min_derivative_outside_its_range_is_named(md):
+    x, p = torch.zeros(2, 3), torch.zeros(2, 3, 23)
+    with pytest.raises(ValueError, match="min_derivative must be in"):
+        fused_rq_spline(x, p, -torch.ones(3), torch.ones(3), bins=8, min_derivative=md)
+
+
+@pytest.mark.parametrize("kw,match", [(dict(min_derivative=1.0), "min_derivative"),
+                                      (dict(min_bin_width=0.2), "min_bin_width"),
+                                      (dict(min_bin_height=-1e-3), "min_bin_width")])
+def test_rq_spline_rejects_floors_outside_their_range(kw, match):
+    import normflux
+    with pytest.raises(ValueError, match=match):
+        normflux.RQSpline(8, **kw)

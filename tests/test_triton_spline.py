@@ -76,6 +76,14 @@ def test_nonfinite_inputs_and_degenerate_shapes(report):
     assert shape == [3, 4, 3] and ey == 0.0 and el == 0.0
 
 
+def test_nan_parameters_give_nan_outputs(report):
+    """A NaN or infinite parameter (a diverged network) gives NaN where the reference
+    does, not a value clamped onto a bin end."""
+    for same_nans, y00_nan, ey, el in report["nan_params"]:
+        assert same_nans and y00_nan
+        assert ey < 1e-9 and el < 1e-9
+
+
 def test_second_derivatives_come_from_the_reference(report):
     assert report["second_derivative"] < 1e-12
 

@@ -84,6 +84,18 @@ def main() -> None:
     out["nonfinite"] = {"y_nan": bool(torch.isnan(y[0, 0])), "y_inf": y[1, 1].item(),
                         "y_minf": y[2, 0].item(), "lad": [lad[0, 0].item(), lad[1, 1].item()],
                         "others_finite": bool(torch.isfinite(y[3:]).all())}
+    # NaN and infinite parameters (a diverged network): NaN where the C kernel and the
+    # reference give NaN, in both directions
+    x, p, low, high, gy, gl = problem(4, 4, 2, "plain")
+    p[0, 0, 1], p[1, 1, 5] = float("nan"), float("inf")
+    x[0, 0], x[1, 1] = 0.5, 0.5  # inside the box
+    nan_params = []
+    for inverse in (False, True):
+        y, lad = triton_spline.rq_spline(x, p, low, high, 4, *FLOORS, inverse)
+        yr, lr = reference(x, p, low, high, 4, *FLOORS, inverse)
+        nan_params.append([bool((torch.isnan(y) == torch.isnan(yr)).all()),
+                           bool(torch.isnan(y[0, 0])), err(y, yr), err(lad, lr)])
+    out["nan_params"] = nan_params
     # empty batch; leading batch dimensions
     x, p, low, high, gy, gl = problem(8, 12, 3, "plain")
     y0, l0 = triton_spline.rq_spline(x[:0], p[:0], low, high, 8, *FLOORS, False)

@@ -220,7 +220,9 @@ class RQSpline(Bijection):
         :meth:`num_params`; ``ladj``: ``(batch, n)``, elementwise ``log|dy_i/dx_i|``.
 
     Raises:
-        ValueError: ``bins < 1`` or ``tail_bound <= 0``; at call time, ``params`` whose
+        ValueError: ``bins < 1``, ``tail_bound <= 0``, ``min_derivative`` outside
+            ``[0, 1)``, negative bin floors or floors of ``1 / K`` or more; at call time,
+            ``params`` whose
             last dimension is not :meth:`num_params`.
     """
 
@@ -234,6 +236,13 @@ class RQSpline(Bijection):
             raise ValueError(f"bins must be >= 1, got {bins}")
         if not tail_bound > 0:
             raise ValueError(f"tail_bound must be positive, got {tail_bound}")
+        if not 0 <= min_derivative < 1:
+            raise ValueError(f"min_derivative must be in [0, 1) (a zero parameter gives slope "
+                             f"1), got {min_derivative}")
+        if not (0 <= min_bin_width and 0 <= min_bin_height
+                and max(min_bin_width, min_bin_height) * int(bins) < 1):
+            raise ValueError(f"min_bin_width and min_bin_height must be >= 0 with floor * bins "
+                             f"< 1, got {min_bin_width}, {min_bin_height} for {bins} bins")
         self.bins = int(bins)
         self.tail_bound = float(tail_bound)
         self.min_bin_width = min_bin_width

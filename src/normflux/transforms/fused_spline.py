@@ -193,11 +193,15 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
         ``(y, ladj)``, each of the shape of ``x``; ``ladj`` elementwise.
 
     Raises:
-        ValueError: ``x`` is 0-d, ``params`` is not of shape ``x.shape + (3K - 1,)``, or
-            the floors leave no room (``min_bin_width * K >= 1``).
+        ValueError: ``x`` is 0-d, ``params`` is not of shape ``x.shape + (3K - 1,)``, the
+            floors leave no room (``min_bin_width * K >= 1``), or ``min_derivative`` is
+            outside ``[0, 1)``.
     """
     if min_bin_width * bins >= 1 or min_bin_height * bins >= 1:
         raise ValueError(f"min_bin_width/min_bin_height too large for {bins} bins")
+    if not 0 <= min_derivative < 1:
+        raise ValueError(f"min_derivative must be in [0, 1) (a zero parameter gives slope 1), "
+                         f"got {min_derivative}")
     if x.dim() == 0:
         raise ValueError("spline inputs must have shape (..., n), got a 0-d tensor")
     if params.shape[-1] != 3 * bins - 1:

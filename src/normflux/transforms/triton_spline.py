@@ -88,6 +88,13 @@ def _launch(kernel, grid, *args, **meta) -> None:
 if triton is not None:
 
     @triton.jit
+    def _clamp(v, lo, hi):
+        """``min(max(v, lo), hi)`` that keeps a NaN ``v`` (``tl.minimum``/``tl.maximum``
+        return the other operand, and a diverged network's NaN parameters must give NaN
+        outputs, as on the CPU)."""
+        return tl.where(v < lo, lo, tl.where(v > hi, hi, v))
+
+    @triton.jit
     def _ld(ptr, mask):
         return tl.load(ptr, mask=mask, other=0.0).to(tl.float64)
 
@@ -171,7 +178,7 @@ if triton is not None:
         c2 = d1 + d0 - 2 * s
         den = s + c2 * t
         num_y = s * xi * xi + d0 * t
-        y = tl.minimum(tl.maximum(y0 + h * num_y / den, y0), y1)  # stay in the bin
+        y = _clamp(y0 + h * num_y / den, y0, y1)  # stay in the bin
         num = d1 * xi * xi + 2 * s * t + d0 * (1 - xi) * (1 - xi)
         return y, tl.log(s * s * num / (den * den))
 
@@ -189,7 +196,7 @@ if triton is not None:
         dr = tl.where(dr == 0, -1e-30, dr)
         a_safe = tl.where(pos, 1.0, a)
         xi = tl.where(pos, 2 * c / dr, (root - b) / (2 * a_safe))
-        return tl.minimum(tl.maximum(xi, 0.0), 1.0)
+        return _clamp(xi, 0.0, 1.0)
 
     @triton.jit
     def _rq_partials(xi, w, h, d0, d1, gy, gl):
@@ -245,6 +252,9 @@ if triton is not None:
         mask = idx < N
         r = idx // C
         c = idx % C
+        # in 64 bits: (3K - 1) * sup may pass 2**31 where sup does not (an int argument
+        # below 2**31 arrives as int32, and 1 as a constant)
+        sup = r * 0 + sup
         mw = tl.load(c_ptr)
         mh = tl.load(c_ptr + 1)
         md = tl.load(c_ptr + 2)
@@ -256,20 +266,20 @@ if triton is not None:
         inside, xs, x0, x1, y0, y1, d0, d1, sg0, sg1, kf, mxw, isw, mxh, ish = _locate(
             ub, sup, x, lo, hi, mask, mw, mh, md, shift, K, INVERSE)
         xi, w, h = _xi_of(inside, xs, x0, x1, y0, y1, d0, d1, INVERSE)
-        return (mask, r, c, x, lo, hi, ub, mw, mh, inside, x0, x1, y0, y1, d0, d1, sg0, sg1, kf,
-                mxw, isw, mxh, ish, xi, w, h)
+        return (mask, r, c, x, lo, hi, ub, sup, mw, mh, inside, x0, x1, y0, y1, d0, d1, sg0,
+                sg1, kf, mxw, isw, mxh, ish, xi, w, h)
 
     @triton.jit
     def _forward_kernel(x_ptr, u_ptr, lo_ptr, hi_ptr, c_ptr, y_ptr, lad_ptr, N, C,
                         sxr, sxc, sur, suc, sup, slr, slc, shr, shc, syr, syc, slar, slac,
                         K: tl.constexpr, INVERSE: tl.constexpr, BLOCK: tl.constexpr):
-        (mask, r, c, x, lo, hi, ub, mw, mh, inside, x0, x1, y0, y1, d0, d1, sg0, sg1, kf,
+        (mask, r, c, x, lo, hi, ub, sup, mw, mh, inside, x0, x1, y0, y1, d0, d1, sg0, sg1, kf,
          mxw, isw, mxh, ish, xi, w, h) = _element(
             x_ptr, u_ptr, lo_ptr, hi_ptr, c_ptr, N, C, sxr, sxc, sur, suc, sup, slr, slc, shr,
             shc, K, INVERSE, BLOCK)
         yb, lad = _rq_forward(xi, y0, y1, w, h, d0, d1)
         if INVERSE:
-            yb = tl.minimum(tl.maximum(x0 + xi * w, x0), x1)
+            yb = _clamp(x0 + xi * w, x0, x1)
             lad = -lad
         y = tl.where(inside, yb, x)
         lad = tl.where(inside, lad, 0.0)
@@ -281,7 +291,7 @@ if triton is not None:
                          N, C, sxr, sxc, sur, suc, sup, slr, slc, shr, shc, sgyr, sgyc,
                          sglr, sglc, sgxr, sgxc, sgur, sguc, sgup,
                          K: tl.constexpr, INVERSE: tl.constexpr, BLOCK: tl.constexpr):
-        (mask, r, c, x, lo, hi, ub, mw, mh, inside, x0, x1, y0, y1, d0, d1, sg0, sg1, kf,
+        (mask, r, c, x, lo, hi, ub, sup, mw, mh, inside, x0, x1, y0, y1, d0, d1, sg0, sg1, kf,
          mxw, isw, mxh, ish, xi, w, h) = _element(
             x_ptr, u_ptr, lo_ptr, hi_ptr, c_ptr, N, C, sxr, sxc, sur, suc, sup, slr, slc, shr,
             shc, K, INVERSE, BLOCK)
@@ -307,6 +317,7 @@ if triton is not None:
         # knot j (1..K-1) = lo + W sum_{i<j} (m + a p_i): the bin ends kf and kf + 1 give
         # dL/dp_i = a W (g_lo [i < kf] + g_hi [i <= kf] [kf + 1 < K]); then the softmax VJP
         gb = gu_ptr + r * sgur + c * sguc
+        sgup = r * 0 + sgup  # 64 bits, as sup
         g_x1 = tl.where(kf <= K - 2, g_x1, 0.0)  # the last knot is fixed
         g_y1 = tl.where(kf <= K - 2, g_y1, 0.0)
         aw = (1.0 - mw * K) * (hi - lo)
