@@ -167,3 +167,36 @@ def test_a_failing_backward_kernel_differentiates_the_reference(fresh_state, mon
 def test_switched_off_by_the_environment(fresh_state, monkeypatch):
     monkeypatch.setenv("NORMFLUX_TRITON", "0")
     assert not triton_spline.available()
+
+
+# ------------------------------------------------------------------ compiled for a GPU
+@pytest.mark.parametrize("kernel,inverse,specialised", [
+    ("_forward_kernel", False, False), ("_forward_kernel", True, True),
+    ("_backward_kernel", False, True), ("_backward_kernel", True, False)])
+def test_kernels_compile_for_hopper_without_a_gpu(kernel, inverse, specialised):
+    """Triton compiles the kernels to a cubin for sm_90 (H100/H200) on a machine without a
+    GPU: what the interpreter cannot see (types, specialisation of unit strides into
+    constants) is checked here. No index product is computed in 32 bits, where the
+    parameter axis' offsets (3K - 1) * stride can pass 2**31 on large tensors."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+    except ImportError:
+        pytest.skip("this Triton has no ahead-of-time compile API")
+    fn = getattr(triton_spline, kernel)
+    const = {"K": 8, "INVERSE": inverse, "BLOCK": triton_spline.BLOCK}
+    sig = {}
+    for a in fn.arg_names:
+        if a in const:
+            sig[a] = "constexpr"
+        elif a.endswith("_ptr"):
+            sig[a] = "*fp64" if a in ("c_ptr", "gu_ptr") else "*fp32"
+        elif specialised and a in ("sup", "sgup", "sxc", "slc"):  # unit strides
+            sig[a], const[a] = "constexpr", 1
+        else:
+            sig[a] = "i32"
+    compiled = triton_spline.triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
+                                            target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"]
+    narrow = [ln for ln in compiled.asm["ttir"].splitlines() if "arith.muli" in ln and ": i32" in ln]
+    assert not narrow, narrow[:3]
