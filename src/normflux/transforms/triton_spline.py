@@ -16,7 +16,9 @@ Used where Triton imports (it ships with PyTorch's CUDA builds on Linux) for flo
 float64 CUDA tensors outside ``torch.compile`` (which fuses the tensor-op Function itself);
 ``NORMFLUX_TRITON=0`` switches it off. If Triton fails to compile or launch the kernels
 (an old Triton, an unsupported GPU), one warning says why and the process goes on with
-the tensor-op Function, as it does when the C kernel does not build.
+the tensor-op Function, as it does when the C kernel does not build. CUDA graphs: capture
+after one eager call per direction and dtype, which compiles the kernels and places their
+constants on the device (neither may happen during a capture).
 
 With ``TRITON_INTERPRET=1`` set before the first import, Triton interprets the kernels on
 CPU tensors, which is how the CPU-only test suite checks them against the C kernel
