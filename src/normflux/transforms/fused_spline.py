@@ -21,9 +21,11 @@ The same map as ``spline_knots`` followed by ``rational_quadratic_spline`` (Durk
   parameters get ``sigmoid(u + shift)`` times the slope gradients at ``k`` and ``k + 1``.
 
 On CPU tensors (float32, float64) :func:`fused_rq_spline` runs the same map and backward as
-a C kernel instead (:mod:`~normflux.transforms.native_spline`, built at first use), and
-this tensor-op Function is the path without a C compiler, on other devices, and under
-``torch.compile`` where the kernel's custom operator is unavailable.
+a C kernel instead (:mod:`~normflux.transforms.native_spline`, built at first use), and on
+CUDA tensors as Triton kernels (:mod:`~normflux.transforms.triton_spline`); this tensor-op
+Function is the path without a C compiler or Triton, on other devices, on GPUs under
+``torch.compile`` (inductor fuses it), and on the CPU under ``torch.compile`` where the
+kernel's custom operator is unavailable.
 
 Second derivatives (``create_graph=True``) and batched VJPs fall back to differentiating
 the reference implementation, and under ``torch.func`` transforms the reference is used
