@@ -5,8 +5,10 @@ Skipped where torch sees no CUDA device (CI has none). On a GPU machine::
 
     python -m pytest -q tests/test_cuda.py          # add --runslow for the inductor compile
 
-On a GPU the spline takes the fused tensor-op Function (the C kernel is CPU-only), so these
-tests are what checks that path against the C kernel and the reference on real hardware.
+On a GPU the spline runs as Triton kernels (or, without Triton, as the fused tensor-op
+Function; the C kernel is CPU-only): the spline tests run both paths against the C kernel
+and the reference on real hardware. ``benchmarks/gpu.sh`` runs this file and the GPU
+benchmarks in one go.
 """
 
 from __future__ import annotations
