@@ -32,18 +32,20 @@ def test_values_bit_identical_and_gradients_match_reference():
 def test_gradcheck_and_second_derivatives():
     x, params = _setup(1)
 
-    def f(x, t, r):
-        return _BoundedAffine.apply(x, t, r, 2.0)
+    def f(x, params):
+        return _BoundedAffine.apply(x, params, 2.0)
 
-    t = params[..., 0].detach().clone().requires_grad_()
-    r = params[..., 1].detach().clone().requires_grad_()
-    assert torch.autograd.gradcheck(f, (x, t, r))
-    assert torch.autograd.gradgradcheck(f, (x, t, r))
+    assert torch.autograd.gradcheck(f, (x, params))
+    assert torch.autograd.gradgradcheck(f, (x, params))
+    # the saved log-scale is an output: third derivatives go through it too
+    assert torch.autograd.gradgradcheck(
+        lambda x, p: torch.autograd.grad(f(x, p)[0].pow(2).sum(), p, create_graph=True)[0],
+        (x, params))
 
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_saved_activations(fused):
-    """What the backward keeps: x and a copy of r (fused) against x, tanh and exp(s)
+    """What the backward keeps: x and the log-scale s (fused) against x, tanh and exp(s)
     (autograd through the reference), counted in elements of the saved tensors."""
     x, params = _setup(2)
     x = x.detach().float().requires_grad_()
@@ -90,3 +92,25 @@ def test_only_x_differentiable_and_forward_mode():
         yd, _ = bij(fwAD.make_dual(x.detach(), t), p, spec)
         ty = fwAD.unpack_dual(yd).tangent
     assert torch.allclose(ty, t * torch.exp(2.0 * torch.tanh(p[..., 1] / 2.0)), atol=1e-14)
+
+
+def test_batched_vjps_and_params_only():
+    """``is_grads_batched`` VJPs (the out-of-place backward) equal one VJP at a time, and a
+    layer whose input needs no gradient still gives the parameters theirs."""
+    x, params = _setup(3)
+    bij = nf.Affine(2.0)
+    spec = bij.make_spec([nf.real] * 3)
+    y, s = bij(x, params, spec)
+    gys, gss = torch.randn((4,) + y.shape, dtype=y.dtype), torch.randn((4,) + s.shape, dtype=s.dtype)
+    batched = torch.autograd.grad((y, s), (x, params), (gys, gss), retain_graph=True,
+                                  is_grads_batched=True)
+    y_ref, s_ref = _affine(x, params[..., 0], params[..., 1], 2.0)
+    for k in range(4):
+        one = torch.autograd.grad((y_ref, s_ref), (x, params), (gys[k], gss[k]), retain_graph=True)
+        for b, o in zip(batched, one):
+            assert (b[k] - o).abs().max() < 1e-13
+    x2 = x.detach()
+    y2, s2 = bij(x2, params, spec)
+    (g,) = torch.autograd.grad(y2.sum() + s2.sum(), params)
+    (g_ref,) = torch.autograd.grad(y_ref.sum() + s_ref.sum(), params)
+    assert (g - g_ref).abs().max() < 1e-13
