@@ -60,6 +60,21 @@ def test_cylinder_defaults_are_one_dict():
     assert set(CYLINDER_DEFAULTS) >= {"layers", "hidden", "bins", "steps", "batch_size", "lr"}
 
 
+def test_help_shows_the_defaults_it_uses():
+    """Each model option's help names the default the command applies (from the one
+    defaults dict of each command), and no format escape leaks into the text."""
+    from normflux.cli import CYLINDER_DEFAULTS, TRAIN_DEFAULTS, build_parser
+    sub = build_parser()._subparsers._group_actions[0].choices
+    demo, train = (" ".join(sub[c].format_help().split()) for c in ("demo", "train"))
+    assert "%%" not in train and "10% is held out" in train
+    assert f"flow layers (default {CYLINDER_DEFAULTS['layers']})" in demo
+    assert f"spline bins (default {CYLINDER_DEFAULTS['bins']})" in demo
+    assert f"peak learning rate (default {CYLINDER_DEFAULTS['lr']})" in demo
+    assert (f"flow layers (default digits {TRAIN_DEFAULTS['digits']['layers']}, two-moons "
+            f"{TRAIN_DEFAULTS['two-moons']['layers']}") in train
+    assert f"training epochs (default: digits {TRAIN_DEFAULTS['digits']['epochs']}" in train
+
+
 @pytest.fixture(scope="module")
 def moons(tmp_path_factory):
     """A small two-moons model trained through the CLI: ``(output dir, JSON record)``."""

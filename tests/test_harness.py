@@ -135,7 +135,8 @@ def test_broken_layers_are_caught_and_named(layer, failed):
 
 
 def test_wrong_sign_fails_only_the_jacobian_check():
-    report = check_transform(WrongSign().double(), _x(), raise_on_failure=False)
+    # at the layer's own parameters (perturb=0), so that the reported error is known
+    report = check_transform(WrongSign().double(), _x(), raise_on_failure=False, perturb=0.0)
     assert not report.ok
     assert {k for k, (ok, _) in report.results.items() if not ok} == {"ladj_jacobian"}
     detail = report.results["ladj_jacobian"][1]
@@ -206,3 +207,32 @@ def test_conditional_layer_missing_context_is_checked():
 def test_compile_check_runs():
     report = check_transform(Scale(), torch.randn(4, 3), compile=True)
     assert report.results["compile"][0], str(report)
+
+
+class IdentityStartWrongSign(Scale):
+    """A wrong-sign ``ladj`` that starts at the identity (``s = 0``), as library layers do:
+    at its initial parameters every value is right."""
+
+    def __init__(self, d=3):
+        super().__init__(d)
+        with torch.no_grad():
+            self.s.zero_()
+            self.t.zero_()
+
+    def forward(self, x, context=None):
+        z, ladj = super().forward(x, context)
+        return z, -ladj
+
+
+def test_identity_initialised_bug_is_caught_at_perturbed_parameters():
+    """The checks run at perturbed parameters by default: the bug shows; at the layer's own
+    (identity) parameters it cannot, and the harness leaves the layer itself unchanged."""
+    layer = IdentityStartWrongSign().double()
+    report = check_transform(layer, _x(), raise_on_failure=False)
+    # the inverse's ladj is right: the forward's no longer cancels it
+    assert {k for k, (ok, _) in report.results.items() if not ok} == {"ladj_cancel",
+                                                                       "ladj_jacobian"}
+    assert check_transform(layer, _x(), perturb=0.0).ok
+    assert torch.equal(layer.s, torch.zeros(3, dtype=F64))
+    with pytest.raises(ValueError, match="perturb"):
+        check_transform(layer, _x(), perturb=-1.0)

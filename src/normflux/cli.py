@@ -32,7 +32,7 @@ CYLINDER_DEFAULTS = dict(model="nsf", layers=8, hidden=(64, 64), bins=8, steps=1
 
 #: Default hyperparameters of ``normflux train`` per data set (``"file"``: .csv/.npy).
 #: digits, measured on a shared 2-core CPU machine (torch 2.13, --threads 1, seed 0): test
-#: 2.054 bits/dim in 33 s of training (best epoch 51 of 60); the independent-pixel baseline
+#: 2.054 bits/dim in about 12 s of training (best epoch 51 of 60); the independent-pixel baseline
 #: is 2.42. Nearby settings (8-12 layers, hidden 64-256, bins 8-16, lr 5e-4/1e-3, batch
 #: 64-256) gave 2.05-2.11; wider nets overfit the 1500 images sooner.
 TRAIN_DEFAULTS = {
@@ -379,6 +379,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"normflux: error: {' '.join(message.split())}{hint}\n")
 
 
+def _text(value) -> str:
+    """A default as the command line spells it (``(64, 64)`` as ``64 64``)."""
+    return " ".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _per_data(key: str) -> str:
+    """``key``'s defaults of ``normflux train`` per data set, for the help."""
+    values = {data: _text(d[key]) for data, d in TRAIN_DEFAULTS.items()}
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return ", ".join(f"{data} {v}" for data, v in values.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``normflux`` argument parser (sub-commands ``demo``, ``train``, ``sample``, ``eval``)."""
     p = _Parser(prog="normflux", description="Normalizing flows in PyTorch.")
@@ -390,15 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="torch CPU threads (default 1: for these small models one thread "
                             "was measured faster than two on a 2-core machine)")
 
-    def model_args(q, defaults: str):
+    def model_args(q, default):
+        """Model options; ``default(key)`` describes a key's default in the help."""
         q.add_argument("--model", type=_model_arg, default=None,
-                       help=f"architecture ({', '.join(_model_choices())}; default {defaults})")
-        q.add_argument("--layers", type=_positive(int), default=None, help="flow layers")
+                       help=f"architecture ({', '.join(_model_choices())}; default "
+                            f"{default('model')})")
+        q.add_argument("--layers", type=_positive(int), default=None,
+                       help=f"flow layers (default {default('layers')})")
         q.add_argument("--hidden", type=_positive(int), nargs="+", default=None,
-                       help="hidden widths of each conditioner, e.g. --hidden 128 128")
-        q.add_argument("--bins", type=_positive(int), default=None, help="spline bins")
-        q.add_argument("--batch-size", type=_positive(int), default=None)
-        q.add_argument("--lr", type=_positive(float), default=None, help="peak learning rate")
+                       help="hidden widths of each conditioner, e.g. --hidden 128 128 "
+                            f"(default {default('hidden')})")
+        q.add_argument("--bins", type=_positive(int), default=None,
+                       help=f"spline bins (default {default('bins')})")
+        q.add_argument("--batch-size", type=_positive(int), default=None,
+                       help=f"batch size (default {default('batch_size')})")
+        q.add_argument("--lr", type=_positive(float), default=None,
+                       help=f"peak learning rate (default {default('lr')})")
         q.add_argument("--seed", type=int, default=0, help="seed of weights and training")
         q.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -409,21 +429,23 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"optimizer steps (default {CYLINDER_DEFAULTS['steps']})")
     demo.add_argument("--out", default=os.path.join("runs", "cylinder"),
                       help="output directory (default runs/cylinder)")
-    model_args(demo, CYLINDER_DEFAULTS["model"])
+    model_args(demo, lambda key: _text(CYLINDER_DEFAULTS[key]))
     common(demo)
     demo.set_defaults(func=cmd_demo)
 
     tr = sub.add_parser("train", help="fit a flow to data by maximum likelihood",
                         description="Maximum likelihood on digits, two-moons or a .csv/.npy "
-                                    "file (10%% held out as the test set).")
+                                    "file (of a file, 10% is held out as the test set; digits "
+                                    "and two-moons have their own).")
     tr.add_argument("--data", required=True, help="digits, two-moons, or a .csv/.npy file")
     tr.add_argument("--out", default=None, help="output directory (default runs/<data>)")
-    tr.add_argument("--epochs", type=_positive(int), default=None)
+    tr.add_argument("--epochs", type=_positive(int), default=None,
+                    help=f"training epochs (default: {_per_data('epochs')})")
     tr.add_argument("--patience", type=_positive(int), default=None,
                     help="early-stopping patience in epochs")
     tr.add_argument("--context-columns", nargs="+", default=None, metavar="COL",
                     help="file columns to condition on: 0-based indices or header names")
-    model_args(tr, "nsf")
+    model_args(tr, _per_data)
     common(tr)
     tr.set_defaults(func=cmd_train)
 

@@ -84,9 +84,22 @@ def _run(report: CheckReport, name: str, fn) -> None:
         report.add(name, False, f"{type(e).__name__}: {e}")
 
 
+def _perturbed(transform: Transform, std: float, seed: int) -> Transform:
+    """A deep copy of ``transform`` with ``N(0, std^2)`` added to every floating-point
+    parameter (drawn on the CPU from ``seed``, so the same on every device)."""
+    t = copy.deepcopy(transform)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in t.parameters():
+            if p.is_floating_point():
+                p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype).to(p.device))
+    return t
+
+
 def check_transform(transform: Transform, example_input: Tensor, context: Tensor | None = None,
                     *, atol: float | None = None, jacobian: bool = True, compile: bool = False,
-                    raise_on_failure: bool = True) -> CheckReport:
+                    raise_on_failure: bool = True, perturb: float = 0.1,
+                    seed: int = 0) -> CheckReport:
     """Check a transform against the normflux contract.
 
     Checks (each reported separately):
@@ -111,8 +124,11 @@ def check_transform(transform: Transform, example_input: Tensor, context: Tensor
     * ``compile`` (when ``compile=True``): ``torch.compile(fullgraph=True)`` of forward
       and inverse match eager.
 
-    The checks run with the transform in eval mode (its training flag is restored at
-    the end), except ``gradients``, which uses a copy in the original mode.
+    The checks run on a deep copy of the transform whose floating-point parameters are
+    moved by ``N(0, perturb^2)`` noise (seeded by ``seed``): a freshly built layer is
+    often the identity (a zero last conditioner layer), where a wrong ``ladj`` or inverse
+    cannot show. The copy runs in eval mode, except for ``gradients``, which uses one
+    in the transform's own mode.
 
     Arguments:
         transform: the transform under test (not modified: checks run on copies where
@@ -123,14 +139,17 @@ def check_transform(transform: Transform, example_input: Tensor, context: Tensor
         jacobian: run the autograd-Jacobian check.
         compile: run the ``torch.compile`` check (slow: seconds per transform).
         raise_on_failure: raise :class:`TransformCheckError` if any check fails.
+        perturb: standard deviation of the parameter noise (``0``: check the parameters
+            as they are).
+        seed: seed of the parameter noise.
 
     Returns:
         the :class:`CheckReport`.
 
     Raises:
         TransformCheckError: a check failed and ``raise_on_failure``.
-        ValueError: ``example_input`` has batch < 2, or a dtype other than the
-            transform's.
+        ValueError: ``example_input`` has batch < 2, a dtype other than the
+            transform's, or ``perturb < 0``.
         Exception: whatever the first, unguarded ``forward``/``inverse`` call on
             ``example_input`` raises (the individual checks catch their own errors and
             report them as failures).
@@ -143,7 +162,9 @@ def check_transform(transform: Transform, example_input: Tensor, context: Tensor
         raise ValueError(f"check_transform: the transform is {sorted(map(str, dtypes))} but "
                          f"example_input is {example_input.dtype}; convert one of them "
                          "(e.g. transform.double() with a float64 input)")
-    t = transform
+    if not perturb >= 0:
+        raise ValueError(f"perturb must be >= 0, got {perturb}")
+    t = _perturbed(transform, perturb, seed) if perturb else transform
     x = example_input
     report = CheckReport(type(t).__name__)
     tol = atol if atol is not None else (1e-10 if x.dtype == torch.float64 else 1e-5)
