@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from ._checks import integer
 from .distributions.base import BaseDistribution, CircularUniform, DiagGaussian, Product, Uniform
 from .flows import Flow
 from .transforms.autoregressive import MaskedAutoregressive
@@ -490,9 +491,7 @@ def base_for(domains: Sequence[Domain]) -> BaseDistribution:
 
 def _integer(name: str, value) -> int:
     """``value`` as an int; ValueError for non-integral numbers, bools and other types."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(value)
+    return integer(name, value)
 
 
 def build(name: str, features: int, *, context: int | None = None, layers: int = 8,
