@@ -199,3 +199,27 @@ def test_digits_defaults_beat_histogram_baseline(tmp_path):
     rec = ok_json(run("train", "--data", "digits", "--out", tmp_path / "d", "--quiet",
                       timeout=900))
     assert rec["bits_per_dim"] < 2.25, rec
+
+
+@pytest.mark.parametrize("args,fragments", [
+    (["train", "--data", "two-moons", "--seed", "99999999999999999999"],
+     ["argument --seed", "must be in 0..4294967295"]),
+    (["train", "--data", "{tmp}/big.npy"],
+     ["data row 5, column 2 (B)", "1e+200", "beyond the float32 range"]),
+    (["train", "--data", "{tmp}/dup.csv", "--context-columns", "a"],
+     ["2 columns are named 'a'", "0-based column indices"]),
+])
+def test_more_user_errors_named(tmp_path, args, fragments):
+    """An out-of-range seed (was 'Overflow when unpacking long long'), a finite float64
+    value that float32 cannot hold (was 'standardisation data contains NaN or Inf', with
+    no cell named), a context column named by a name two columns share (the first was
+    taken silently)."""
+    a = np.random.default_rng(0).normal(size=(50, 3))
+    a[4, 1] = 1e200
+    np.save(tmp_path / "big.npy", a)
+    rows = np.random.default_rng(1).normal(size=(40, 3))
+    (tmp_path / "dup.csv").write_text(
+        "a,a,c\n" + "\n".join(",".join(f"{v:.4f}" for v in r) for r in rows) + "\n")
+    args = [str(x).format(tmp=tmp_path) for x in args]
+    user_error(run(*args, "--epochs", 1, "--quiet", "--out", tmp_path / "out", cwd=tmp_path),
+               *fragments)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["integer", "real"]
+__all__ = ["context_width", "integer", "real"]
 
 
 def integer(name: str, value, minimum: int | None = None) -> int:
@@ -51,3 +51,12 @@ def real(name: str, value, *, low: float | None = None, low_open: bool = False,
     if high is not None and (value >= high if high_open else value > high):
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
     return value
+
+
+def context_width(value) -> int | None:
+    """A ``context_features`` argument: ``None`` (unconditional) or an integer >= 1.
+
+    Raises:
+        ValueError: anything else (``0``, negative, non-integral).
+    """
+    return None if value is None else integer("context_features", value, minimum=1)

@@ -85,6 +85,20 @@ def _positive(kind):
     return parse
 
 
+def _seed(text: str) -> int:
+    """A ``--seed`` value: an integer in ``0..2^32 - 1`` (as NumPy's seeds)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= v < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"must be in 0..{2 ** 32 - 1}, got {text}")
+    return v
+
+
+_seed.__name__ = "seed"
+
+
 def _model_choices() -> list[str]:
     from . import models
     return sorted(models.MODELS)
@@ -419,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"batch size (default {default('batch_size')})")
         q.add_argument("--lr", type=_positive(float), default=None,
                        help=f"peak learning rate (default {default('lr')})")
-        q.add_argument("--seed", type=int, default=0, help="seed of weights and training")
+        q.add_argument("--seed", type=_seed, default=0, help="seed of weights and training")
         q.add_argument("--quiet", action="store_true", help="no progress bar")
 
     demo = sub.add_parser("demo", help="run a demo (cylinder)",
@@ -455,7 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("-o", "--output", required=True, help="output file, .npy or .csv")
     sa.add_argument("--context", type=float, nargs="+", default=None,
                     help="context values for a conditional model")
-    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--seed", type=_seed, default=0)
     common(sa)
     sa.set_defaults(func=cmd_sample)
 
@@ -466,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="which rows (default test: the held-out split used by train)")
     ev.add_argument("--context-columns", nargs="+", default=None, metavar="COL",
                     help="context columns (default: those the model was trained with)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the dequantisation noise")
+    ev.add_argument("--seed", type=_seed, default=0, help="seed of the dequantisation noise")
     common(ev)
     ev.set_defaults(func=cmd_eval)
     return p

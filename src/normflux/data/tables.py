@@ -137,6 +137,9 @@ def _select(path: Path, arr: np.ndarray, header: list[str] | None,
                                 "header; give 0-based column indices instead")
             if c not in header:
                 raise DataError(f"{path}: no column named {c!r} (columns: {', '.join(header)})")
+            if header.count(c) > 1:
+                raise DataError(f"{path}: {header.count(c)} columns are named {c!r}; give "
+                                "0-based column indices instead")
             j = header.index(c)
         else:
             j = int(c)
@@ -175,9 +178,10 @@ def load_table(path: str | os.PathLike, context_columns: Sequence[int | str] | N
     Raises:
         DataError (a ``ValueError``): the file does not exist, is a directory, has
             another extension, is empty, has a non-numeric / empty / NaN / Inf cell (row
-            and column named, 1-based), rows of unequal length, is not 2-D, or a context
-            column does not exist, is named in a file without a header, is given twice,
-            or leaves no data column.
+            and column named, 1-based), a value beyond the float32 range, rows of unequal
+            length, is not 2-D, or a context column does not exist, is named in a file
+            without a header or by a name several columns share, is given twice, or
+            leaves no data column.
     """
     path = Path(path)
     if not path.exists():
@@ -196,4 +200,12 @@ def load_table(path: str | os.PathLike, context_columns: Sequence[int | str] | N
     else:
         raise DataError(f"{path}: unsupported file type {ext or '(no extension)'!r}; "
                         "use .csv or .npy")
+    big = np.abs(arr) > np.finfo(np.float32).max
+    if big.any():  # models train in float32: such a cell would become Inf there
+        i, j = map(int, np.argwhere(big)[0])
+        name = f", {header[j]!r}" if header else ""
+        raise DataError(f"{path}: data row {i + 1}, column {j + 1} ({column_letter(j + 1)}"
+                        f"{name}) is {arr[i, j]:g}, beyond the float32 "
+                        f"range (+-{np.finfo(np.float32).max:.3g}) the models train in "
+                        f"({int(big.sum())} such cells); rescale the data")
     return _select(path, arr, header, context_columns)

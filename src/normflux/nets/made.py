@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .mlp import _linear_t, use_transposed_output
+from .._checks import context_width, integer
+from .mlp import _linear_t, check_net_input, use_transposed_output
 
 __all__ = ["MADE", "MaskedLinear", "autoregressive_order"]
 
@@ -139,7 +140,9 @@ class MADE(nn.Module):
         ``forward(x (batch, n_in), context (batch, C)) -> (batch, D, P)``.
 
     Raises:
-        ValueError: non-positive widths, unequal widths with ``residual``, bad order.
+        ValueError: widths or ``features`` that are not integers >= 1, ``context_features``
+            neither ``None`` nor an integer >= 1, unequal widths with ``residual``, bad
+            order.
         IndexError: an ``input_index`` entry outside ``0..D-1``.
     """
 
@@ -154,15 +157,16 @@ class MADE(nn.Module):
         self.transposed_output = bool(transposed_output)
         if isinstance(hidden_features, int):
             hidden_features = (hidden_features, hidden_features)
-        hidden = tuple(int(h) for h in hidden_features)
+        hidden = tuple(integer("hidden_features", h, minimum=1) for h in hidden_features)
         if features < 1 or params_per_feature < 1 or not hidden or min(hidden) < 1:
             raise ValueError(f"MADE widths must be positive: features={features}, "
                              f"P={params_per_feature}, hidden={hidden}")
         if residual and len(set(hidden)) != 1:
             raise ValueError(f"a residual MADE needs equal hidden widths, got {hidden}")
-        D, P = int(features), int(params_per_feature)
+        D = integer("features", features, minimum=1)
+        P = integer("params_per_feature", params_per_feature, minimum=1)
         self.features, self.params_per_feature = D, P
-        self.context_features = context_features
+        self.context_features = context_features = context_width(context_features)
         degrees = autoregressive_order(order, D, generator)
         self.register_buffer("degrees", degrees)
         in_deg = degrees if input_index is None else degrees[torch.as_tensor(input_index)]
@@ -219,7 +223,13 @@ class MADE(nn.Module):
         return self.body(self.act(h))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """``(batch, n_in)`` (+ context ``(batch, C)``) -> ``(batch, D, P)``."""
+        """``(batch, n_in)`` (+ context ``(batch, C)``) -> ``(batch, D, P)``.
+
+        Raises:
+            ValueError: an input without ``n_in`` columns; a context for an
+                unconditional MADE, none for a conditional one, or one of the wrong width.
+        """
+        check_net_input("MADE", x, self.in_features, context, self.context_features)
         h = self.hidden(x, context)
         if use_transposed_output(self):
             out = _linear_t(h, self.head.weight * self.head.mask, self.head.bias)

@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import context_width, integer
 from .._tracing import is_compiling
 
 __all__ = ["MLP"]
@@ -51,9 +52,9 @@ class MLP(nn.Module):
         ``forward(x (batch, in), context (batch, C) or (1, C)) -> (batch, out)``.
 
     Raises:
-        ValueError: non-positive widths (``in_features`` may be 0), no input at all
-            (``in_features = 0`` without a context), or unequal widths with
-            ``residual``.
+        ValueError: widths that are not integers >= 1 (``in_features`` may be 0), no
+            input at all (``in_features = 0`` without a context), ``context_features``
+            neither ``None`` nor an integer >= 1, or unequal widths with ``residual``.
     """
 
     def __init__(self, in_features: int, out_features: int,
@@ -63,7 +64,9 @@ class MLP(nn.Module):
         super().__init__()
         if isinstance(hidden_features, int):
             hidden_features = (hidden_features, hidden_features)
-        hidden_features = tuple(int(h) for h in hidden_features)
+        hidden_features = tuple(integer("hidden_features", h, minimum=1) for h in hidden_features)
+        in_features = integer("in_features", in_features, minimum=0)
+        out_features = integer("out_features", out_features, minimum=1)
         if not hidden_features or min(hidden_features) < 1 or out_features < 1 or in_features < 0:
             raise ValueError(f"MLP widths must be positive, got in={in_features}, "
                              f"hidden={hidden_features}, out={out_features}")
@@ -72,7 +75,7 @@ class MLP(nn.Module):
                              f"{hidden_features}")
         self.in_features = in_features
         self.out_features = out_features
-        self.context_features = context_features
+        self.context_features = context_features = context_width(context_features)
         self.transposed_output = bool(transposed_output)
         n_in = in_features + (context_features or 0)
         if n_in < 1:
@@ -91,7 +94,14 @@ class MLP(nn.Module):
             nn.init.zeros_(self.head.bias)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """``(batch, in)`` (+ context ``(batch, C)``) -> ``(batch, out)``."""
+        """``(batch, in)`` (+ context ``(batch, C)``) -> ``(batch, out)``.
+
+        Raises:
+            ValueError: an input without ``in_features`` columns; a context for an
+                unconditional MLP, none for a conditional one, or one without
+                ``context_features`` columns.
+        """
+        check_net_input("MLP", x, self.in_features, context, self.context_features)
         if context is not None:
             if context.shape[0] != x.shape[0]:
                 context = context.expand(x.shape[0], -1)
@@ -100,6 +110,30 @@ class MLP(nn.Module):
         if use_transposed_output(self) and h.dim() == 2:
             return _linear_t(h, self.head.weight, self.head.bias)
         return self.head(h)
+
+
+def check_net_input(owner: str, x: Tensor, in_features: int, context: Tensor | None,
+                    context_features: int | None) -> None:
+    """Shape checks of a conditioner network's input and context (free under compile).
+
+    Raises:
+        ValueError: ``x`` without ``in_features`` columns in its last dimension; a context
+            for a network without one, none for one with one, or a context without
+            ``context_features`` columns.
+    """
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{owner} expects inputs with {in_features} features in the last "
+                         f"dimension, got shape {tuple(x.shape)}")
+    if context_features is None:
+        if context is not None:
+            raise ValueError(f"{owner} is unconditional but a context of shape "
+                             f"{tuple(context.shape)} was passed")
+    elif context is None:
+        raise ValueError(f"{owner} is conditional and expects a context with "
+                         f"{context_features} features, got context=None")
+    elif context.shape[-1] != context_features:
+        raise ValueError(f"{owner} expects a context with {context_features} features in the "
+                         f"last dimension, got shape {tuple(context.shape)}")
 
 
 def _linear_t(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:

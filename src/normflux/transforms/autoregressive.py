@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import context_width, integer
 from ..nets.made import MADE
 from .base import Transform
 from .bijections import Bijection
@@ -48,10 +49,12 @@ class MaskedAutoregressive(Transform):
         ``x``: ``(batch, D)``; ``context``: ``(batch, C)``; ``ladj``: ``(batch,)``.
 
     Raises:
-        ValueError: domains the bijection does not support, a MADE of the wrong size, a
-            bad ``order`` (see :func:`~normflux.nets.autoregressive_order`); at call time,
-            a context where none is expected (or none where one is, or of the wrong
-            shape).
+        ValueError: ``features`` not an integer >= 1, ``context_features`` neither
+            ``None`` nor an integer >= 1, domains the bijection does not support, a MADE of
+            the wrong size, a bad ``order`` (see
+            :func:`~normflux.nets.autoregressive_order`); at call time, a context where
+            none is expected (or none where one is, or of the wrong shape or dtype), an
+            input not of the parameters' dtype.
     """
 
     def __init__(self, bijection: Bijection, made: MADE | Callable | None = None, *,
@@ -61,10 +64,10 @@ class MaskedAutoregressive(Transform):
                  order: str | Sequence[int] | Tensor = "sequential", residual: bool = False,
                  generator: torch.Generator | None = None):
         super().__init__()
-        D = int(features)
+        D = integer("features", features, minimum=1)
         self.features = D
         self.bijection = bijection
-        self.context_features = context_features
+        self.context_features = context_features = context_width(context_features)
         self.domains = as_domains(domains, D)
         self.spec = bijection.make_spec(self.domains)
         self.num_params = P = bijection.num_params(self.spec)

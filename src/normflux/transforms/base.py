@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
+import torch
 from torch import Tensor, nn
 
 from .._tracing import is_compiling
@@ -20,7 +21,7 @@ __all__ = ["Transform", "Chain", "Inverse", "check_context", "is_compiling"]
 
 
 def check_context(context: Tensor | None, context_features: int | None, batch: int | None,
-                  owner: str = "transform") -> None:
+                  owner: str = "transform", dtype: torch.dtype | None = None) -> None:
     """Validate a ``context`` argument against what a conditional module expects.
 
     Arguments:
@@ -30,12 +31,14 @@ def check_context(context: Tensor | None, context_features: int | None, batch: i
             unconditional module (which then refuses any context).
         batch: the batch size of the input, or ``None`` to skip the batch check.
         owner: a name for the error messages.
+        dtype: the dtype the context must have (the module's), or ``None``.
 
     Raises:
         ValueError: context given to an unconditional module, missing context for a
             conditional one, a context that is not 2-D or has the wrong number of
-            features, a batch mismatch, or a non-floating context. Shapes only are
-            checked, so this is free under ``torch.compile``.
+            features, a batch mismatch, a non-floating context or one of another dtype
+            than ``dtype``. Shapes and dtypes only are checked, so this is free under
+            ``torch.compile``.
         TypeError: a context that is not a :class:`torch.Tensor`.
     """
     if context_features is None:
@@ -51,14 +54,25 @@ def check_context(context: Tensor | None, context_features: int | None, batch: i
         raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
     if not context.is_floating_point():
         raise ValueError(f"context must be a floating-point tensor, got dtype {context.dtype}")
-    if context.dim() != 2 or context.shape[-1] != context_features:
+    if context.dim() != 2:
+        raise ValueError(f"{owner} expects a context of shape (batch, {context_features}), "
+                         f"got a {context.dim()}-D context of shape {tuple(context.shape)}"
+                         + (f"; for one row use context.reshape(1, {context_features})"
+                            if context.dim() == 1 and context.numel() == context_features
+                            else ""))
+    if context.shape[-1] != context_features:
         raise ValueError(f"{owner} expects a context of shape (batch, {context_features}), "
                          f"got context of shape {tuple(context.shape)} "
-                         f"({context.shape[-1] if context.dim() else 0} features, "
-                         f"expected {context_features})")
+                         f"({context.shape[-1]} features, expected {context_features})")
+    if dtype is not None and context.dtype != dtype:
+        raise ValueError(f"{owner} is {dtype} but the context is {context.dtype}; convert one "
+                         f"of them (context.to({dtype}) or the module's .to({context.dtype}))")
     if batch is not None and context.shape[0] not in (1, batch):
         raise ValueError(f"context has batch size {context.shape[0]} but the input has batch "
                          f"size {batch}; they must match (or the context batch must be 1)")
+
+
+_UNSET = object()
 
 
 class Transform(nn.Module):
@@ -95,7 +109,9 @@ class Transform(nn.Module):
         Raises:
             TypeError: ``x`` is not a tensor.
             ValueError: ``x`` is not ``(batch, D)`` (or ``(batch, C, H, W)``) with ``D``
-                the layer's ``features`` where it has one; a bad context.
+                the layer's ``features`` where it has one; ``x`` is not floating-point or
+                not of the dtype of the layer's parameters; a bad context (including one
+                of another dtype).
         """
         name = type(self).__name__
         if not isinstance(x, Tensor):
@@ -106,7 +122,27 @@ class Transform(nn.Module):
         if isinstance(features, int) and x.shape[1] != features:
             raise ValueError(f"{name} expects {features} features in dimension 1, got input of "
                              f"shape {tuple(x.shape)}")
-        check_context(context, self.context_features, x.shape[0], name)
+        if not x.is_floating_point():
+            raise ValueError(f"{name} expects a floating-point input, got dtype {x.dtype}")
+        dtype = self._parameter_dtype()
+        if dtype is not None and x.dtype != dtype:
+            raise ValueError(f"{name} has {dtype} parameters but the input is {x.dtype}; "
+                             f"convert one of them (x.to({dtype}) or the layer's "
+                             f".to({x.dtype}))")
+        check_context(context, self.context_features, x.shape[0], name, dtype)
+
+    def _parameter_dtype(self) -> torch.dtype | None:
+        """The dtype of the layer's first floating-point parameter (``None`` without one),
+        cached; ``.to()``, ``.double()`` ... (:meth:`_apply`) forget it."""
+        dtype = self.__dict__.get("_param_dtype", _UNSET)
+        if dtype is _UNSET:
+            p = next((p for p in self.parameters() if p.is_floating_point()), None)
+            dtype = self.__dict__["_param_dtype"] = None if p is None else p.dtype
+        return dtype
+
+    def _apply(self, fn, *args, **kwargs):
+        self.__dict__.pop("_param_dtype", None)
+        return super()._apply(fn, *args, **kwargs)
 
 
 class Chain(Transform):

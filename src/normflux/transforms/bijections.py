@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._checks import integer, real
 from .._tracing import is_compiling
 from ._first_order import reference_backward, use_reference
 from .domains import DomainSpec
@@ -90,14 +91,13 @@ class Affine(Bijection):
         ``(batch, n)``, ``s`` (``-s`` for the inverse).
 
     Raises:
-        ValueError: ``log_scale_bound <= 0``; :meth:`make_spec` with a non-real domain.
+        ValueError: ``log_scale_bound`` not a finite number > 0; :meth:`make_spec` with a
+            non-real domain.
     """
 
     def __init__(self, log_scale_bound: float = 3.0):
         super().__init__()
-        if not log_scale_bound > 0:
-            raise ValueError(f"log_scale_bound must be positive, got {log_scale_bound}")
-        self.log_scale_bound = float(log_scale_bound)
+        self.log_scale_bound = real("log_scale_bound", log_scale_bound, low=0, low_open=True)
 
     def num_params(self, spec: DomainSpec) -> int:
         """2: the shift ``t`` and the raw log-scale ``r``."""
@@ -238,10 +238,10 @@ class RQSpline(Bijection):
         :meth:`num_params`; ``ladj``: ``(batch, n)``, elementwise ``log|dy_i/dx_i|``.
 
     Raises:
-        ValueError: ``bins < 1``, ``tail_bound <= 0``, ``min_derivative`` outside
-            ``[0, 1)``, negative bin floors or floors of ``1 / K`` or more; at call time,
-            ``params`` whose
-            last dimension is not :meth:`num_params`.
+        ValueError: ``bins`` not an integer >= 1, ``tail_bound`` not a finite number > 0,
+            ``min_derivative`` outside ``[0, 1)``, negative bin floors or floors of
+            ``1 / K`` or more; at call time, ``params`` whose last dimension is not
+            :meth:`num_params`.
     """
 
     supported_domains = ("real", "interval", "circle")
@@ -250,10 +250,8 @@ class RQSpline(Bijection):
     def __init__(self, bins: int = 8, tail_bound: float = 3.0, min_bin_width: float = 1e-3,
                  min_bin_height: float = 1e-3, min_derivative: float = 1e-3):
         super().__init__()
-        if int(bins) < 1:
-            raise ValueError(f"bins must be >= 1, got {bins}")
-        if not tail_bound > 0:
-            raise ValueError(f"tail_bound must be positive, got {tail_bound}")
+        bins = integer("bins", bins, minimum=1)
+        tail_bound = real("tail_bound", tail_bound, low=0, low_open=True)
         if not 0 <= min_derivative < 1:
             raise ValueError(f"min_derivative must be in [0, 1) (a zero parameter gives slope "
                              f"1), got {min_derivative}")

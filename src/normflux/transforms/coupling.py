@@ -7,6 +7,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import context_width
 from ..nets.mlp import MLP
 from .base import Transform
 from .bijections import Bijection
@@ -86,9 +87,10 @@ class Coupling(Transform):
     Raises:
         ValueError: a mask with no transformed or no conditioning coordinate, a mask that
             is not 1-D or has the wrong length, a mask kind without ``features`` (or an
-            unknown kind), domains the bijection does not support; at call time, a
-            context where none is expected (or none where one is, or of the wrong
-            shape).
+            unknown kind), domains the bijection does not support, ``context_features``
+            neither ``None`` nor an integer >= 1; at call time, a context where none is
+            expected (or none where one is, or of the wrong shape or dtype), an input not
+            of the parameters' dtype.
     """
 
     def __init__(self, bijection: Bijection, conditioner: nn.Module | Callable | None = None,
@@ -116,7 +118,7 @@ class Coupling(Transform):
                              f"conditioning (False) coordinate, got {mask.tolist()}")
         self.features = mask.numel()
         self.bijection = bijection
-        self.context_features = context_features
+        self.context_features = context_features = context_width(context_features)
         self.domains = as_domains(domains, self.features)
         self.register_buffer("mask", mask)
         self._rebuild()

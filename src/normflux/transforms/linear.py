@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import integer
 from .base import Transform, is_compiling
 
 __all__ = ["LULinear"]
@@ -34,12 +35,13 @@ class LULinear(Transform):
         ``x``: ``(batch, D)``; ``ladj``: ``(batch,)``.
 
     Raises:
-        ValueError: a context is passed (the layer is unconditional).
+        ValueError: ``features`` not an integer >= 1; at call time, a context is passed
+            (the layer is unconditional) or an input not of the parameters' dtype.
     """
 
     def __init__(self, features: int, permutation: Tensor | None = None):
         super().__init__()
-        D = int(features)
+        D = integer("features", features, minimum=1)
         self.features = D
         self.lower = nn.Parameter(torch.zeros(D, D))
         self.upper = nn.Parameter(torch.zeros(D, D))

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .._checks import integer, real
 from .base import Transform, is_compiling
 
 __all__ = ["ActNorm", "BatchNorm"]
@@ -48,14 +49,15 @@ class ActNorm(Transform):
         ``x``, ``z``: ``(batch, C)`` or ``(batch, C, *spatial)``; ``ladj``: ``(batch,)``.
 
     Raises:
-        ValueError: a context is passed (the layer is unconditional), or ``x`` does not
-            have ``C`` channels in dimension 1.
+        ValueError: ``features`` not an integer >= 1 or ``min_std`` not finite and > 0;
+            at call time, a context is passed (the layer is unconditional), or ``x`` does
+            not have ``C`` channels in dimension 1 or is not of the parameters' dtype.
     """
 
     def __init__(self, features: int, min_std: float = 1e-6):
         super().__init__()
-        self.features = int(features)
-        self.min_std = float(min_std)
+        self.features = integer("features", features, minimum=1)
+        self.min_std = real("min_std", min_std, low=0, low_open=True)
         self.loc = nn.Parameter(torch.zeros(self.features))
         self.log_scale = nn.Parameter(torch.zeros(self.features))
         self.register_buffer("initialized", torch.tensor(False))
@@ -173,15 +175,17 @@ class BatchNorm(Transform):
         (the same value for every row).
 
     Raises:
-        ValueError: a context is passed; in training mode, :meth:`forward` on a batch of
-            one sample with a single value per channel (no variance).
+        ValueError: ``features`` not an integer >= 1, ``momentum`` outside [0, 1], ``eps``
+            not finite and > 0; at call time, a context is passed, an input not of the
+            parameters' dtype; in training mode, an empty batch, or :meth:`forward` on a
+            batch of one sample with a single value per channel (no variance).
     """
 
     def __init__(self, features: int, momentum: float = 0.1, eps: float = 1e-5):
         super().__init__()
-        self.features = int(features)
-        self.momentum = float(momentum)
-        self.eps = float(eps)
+        self.features = integer("features", features, minimum=1)
+        self.momentum = real("momentum", momentum, low=0, high=1)
+        self.eps = real("eps", eps, low=0, low_open=True)
         self.log_gamma = nn.Parameter(torch.zeros(self.features))
         self.beta = nn.Parameter(torch.zeros(self.features))
         self.register_buffer("running_mean", torch.zeros(self.features))
@@ -189,6 +193,8 @@ class BatchNorm(Transform):
 
     def _stats(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if self.training:
+            if x.shape[0] == 0:
+                raise ValueError("BatchNorm in training mode needs a non-empty batch")
             if x.shape[0] < 2 and x[0, 0].numel() < 2:
                 raise ValueError("BatchNorm in training mode needs a batch size of at least 2")
             dims = _reduce_dims(x)

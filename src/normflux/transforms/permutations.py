@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from .._checks import integer, real
 from .._constants import ConstantsMixin
 from .base import Transform
 from .domains import DomainLike, DomainSpec, as_domains
@@ -57,6 +58,7 @@ class Permutation(Transform):
         The fixed reversal between layers used by Papamakarios et al. 2017 (MAF) and,
         on channels, by Dinh et al. 2017 (Real NVP).
         """
+        features = integer("features", features, minimum=1)
         return cls(torch.arange(features - 1, -1, -1))
 
     @classmethod
@@ -65,6 +67,7 @@ class Permutation(Transform):
 
         The "shuffle" permutation of Kingma & Dhariwal 2018 (Glow, section 3.2).
         """
+        features = integer("features", features, minimum=1)
         return cls(torch.randperm(features, generator=generator))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -109,8 +112,8 @@ class CircularShift(ConstantsMixin, Transform):
         zeros.
 
     Raises:
-        ValueError: no circular coordinate, or an unknown domain name; at call time, a
-            context (the layer is unconditional).
+        ValueError: no circular coordinate, an unknown domain name, or a ``shift`` that
+            is not a finite number; at call time, a context (the layer is unconditional).
     """
 
     def __init__(self, domains: Sequence[DomainLike], shift: float = math.pi):
@@ -119,7 +122,7 @@ class CircularShift(ConstantsMixin, Transform):
         self.features = len(domains)
         if not self.spec.any_circular:
             raise ValueError("CircularShift needs at least one circular coordinate")
-        self.shift = float(shift)
+        self.shift = real("shift", shift)
         self.register_constant("offset", [self.shift if d.kind == "circle" else 0.0
                                           for d in self.spec.domains])
 

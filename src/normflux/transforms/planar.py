@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._checks import context_width, integer
 from .base import Transform
 
 __all__ = ["Planar", "Radial", "Sylvester"]
@@ -63,8 +64,10 @@ class Planar(Transform):
         ``x``: ``(batch, D)``; ``context``: ``(batch, C)``; ``ladj``: ``(batch,)``.
 
     Raises:
-        ValueError: a context where none is expected (or none where one is, or of the
-            wrong shape).
+        ValueError: ``features`` not an integer >= 1, ``context_features`` neither ``None``
+            nor an integer >= 1; at call time, a context where none is expected (or none
+            where one is, or of the wrong shape or dtype), an input not of the
+            parameters' dtype.
     """
 
     exact_inverse = True
@@ -72,9 +75,9 @@ class Planar(Transform):
     def __init__(self, features: int, context_features: int | None = None,
                  init_scale: float = 0.1):
         super().__init__()
-        D = int(features)
+        D = integer("features", features, minimum=1)
         self.features = D
-        self.context_features = context_features
+        self.context_features = context_features = context_width(context_features)
         self.u = _Hyper(init_scale * torch.randn(D), context_features)
         self.w = _Hyper(init_scale * torch.randn(D), context_features)
         self.b = _Hyper(torch.zeros(1), context_features)
@@ -146,16 +149,18 @@ class Radial(Transform):
         ``x``: ``(batch, D)``; ``context``: ``(batch, C)``; ``ladj``: ``(batch,)``.
 
     Raises:
-        ValueError: a context where none is expected (or none where one is, or of the
-            wrong shape).
+        ValueError: ``features`` not an integer >= 1, ``context_features`` neither ``None``
+            nor an integer >= 1; at call time, a context where none is expected (or none
+            where one is, or of the wrong shape or dtype), an input not of the
+            parameters' dtype.
     """
 
     def __init__(self, features: int, context_features: int | None = None,
                  init_scale: float = 0.1):
         super().__init__()
-        D = int(features)
+        D = integer("features", features, minimum=1)
         self.features = D
-        self.context_features = context_features
+        self.context_features = context_features = context_width(context_features)
         self.z0 = _Hyper(init_scale * torch.randn(D), context_features)
         self.a = _Hyper(torch.zeros(1), context_features)
         self.b = _Hyper(torch.full((1,), -2.0), context_features)
@@ -226,25 +231,26 @@ class Sylvester(Transform):
         ``x``: ``(batch, D)``; ``context``: ``(batch, C)``; ``ladj``: ``(batch,)``.
 
     Raises:
-        ValueError: ``rank`` outside ``1..D``, or both ``rank`` and ``reflections``; at
-            call time, a context where none is expected (or none where one is, or of
-            the wrong shape).
+        ValueError: ``features`` not an integer >= 1, ``rank`` outside ``1..D``,
+            ``reflections < 1``, or both ``rank`` and ``reflections``; at call time, a
+            context where none is expected (or none where one is, or of the wrong shape
+            or dtype), an input not of the parameters' dtype.
     """
 
     def __init__(self, features: int, rank: int | None = None, reflections: int | None = None,
                  context_features: int | None = None, init_scale: float = 0.1):
         super().__init__()
-        D = int(features)
+        D = integer("features", features, minimum=1)
         if rank is not None and reflections is not None:
             raise ValueError("give either rank (orthogonal) or reflections (Householder)")
-        M = D if rank is None else int(rank)
+        M = D if rank is None else integer("rank", rank)
         if not 1 <= M <= D:
             raise ValueError(f"rank must be in 1..{D}, got {M}")
         self.features, self.rank = D, M
-        self.context_features = context_features
+        self.context_features = context_features = context_width(context_features)
         self.reflections = reflections
         if reflections is not None:
-            self.q_param = nn.Parameter(torch.randn(int(reflections), D))
+            self.q_param = nn.Parameter(torch.randn(integer("reflections", reflections, minimum=1), D))
         else:
             self.q_param = nn.Parameter(torch.eye(D, M) + init_scale * torch.randn(D, M))
         self.r = _Hyper(init_scale * torch.randn(M, M), context_features)

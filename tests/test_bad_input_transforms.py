@@ -1,0 +1,122 @@
+"""Bad input to transforms and conditioner networks called directly: a clear ValueError
+naming what is wrong, where torch would fail deep inside or quietly truncate / promote."""
+
+import math
+
+import pytest
+import torch
+
+import normflux as nf
+from normflux.nets import MADE, MLP
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: nf.RQSpline(bins=2.7), "bins must be an integer"),
+    (lambda: nf.RQSpline(tail_bound=math.inf), "tail_bound must be a finite number"),
+    (lambda: nf.Affine(log_scale_bound=math.inf), "log_scale_bound must be a finite number"),
+    (lambda: nf.ActNorm(2, min_std=-1), "min_std must be > 0"),
+    (lambda: nf.BatchNorm(4, eps=-1), "eps must be > 0"),
+    (lambda: nf.BatchNorm(4, momentum=2), "momentum must be <= 1"),
+    (lambda: nf.LULinear(-1), "features must be >= 1"),
+    (lambda: nf.ActNorm(0), "features must be >= 1"),
+    (lambda: nf.Planar(-1), "features must be >= 1"),
+    (lambda: nf.Radial(2.5), "features must be an integer"),
+    (lambda: nf.Sylvester(4, reflections=-1), "reflections must be >= 1"),
+    (lambda: nf.Sylvester(0), "features must be >= 1"),
+    (lambda: nf.Permutation.random(-1), "features must be >= 1"),
+    (lambda: nf.Permutation.reverse(0), "features must be >= 1"),
+    (lambda: nf.CircularShift([nf.circle], shift=math.nan), "shift must be a finite number"),
+    (lambda: nf.Coupling(nf.Affine(), features=4, hidden_features=(2.5,)),
+     "hidden_features must be an integer"),
+    (lambda: nf.Coupling(nf.Affine(), features=4, context_features=-1),
+     "context_features must be >= 1"),
+    (lambda: nf.MaskedAutoregressive(nf.Affine(), features=2.5), "features must be an integer"),
+    (lambda: nf.MaskedAutoregressive(nf.Affine(), features=3, context_features=0),
+     "context_features must be >= 1"),
+    (lambda: nf.Planar(3, context_features=-2), "context_features must be >= 1"),
+    (lambda: MLP(3, 2, ("64",)), "hidden_features must be an integer"),
+    (lambda: MADE(3, 2, (16,), context_features=1.5), "context_features must be an integer"),
+])
+def test_constructor_values_are_checked(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def _layers():
+    return [nf.Coupling(nf.RQSpline(), features=4, context_features=2),
+            nf.MaskedAutoregressive(nf.Affine(), features=4, context_features=2),
+            nf.Planar(4, context_features=2), nf.Sylvester(4, context_features=2)]
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_input_and_context_dtype_named(i):
+    """float64 data or context into a float32 layer: a ValueError naming both dtypes (torch
+    would raise 'mat1 and mat2 must have the same dtype'); integers are refused too."""
+    layer = _layers()[i]
+    x, c = torch.randn(3, 4), torch.randn(3, 2)
+    with pytest.raises(ValueError, match="float32 parameters but the input is torch.float64"):
+        layer(x.double(), c)
+    with pytest.raises(ValueError, match="float32 but the context is torch.float64"):
+        layer(x, c.double())
+    with pytest.raises(ValueError, match="floating-point input"):
+        layer(x.long(), c)
+    z, ladj = layer(x, c)  # the right dtypes still work, and after .double() float64 does
+    z64, ladj64 = layer.double()(x.double(), c.double())
+    assert z64.dtype == ladj64.dtype == torch.float64
+    assert torch.allclose(z64.float(), z, atol=1e-5) and torch.allclose(ladj64.float(), ladj,
+                                                                        atol=1e-4)
+
+
+def test_layers_that_promoted_or_mixed_dtypes_now_refuse():
+    """LULinear.inverse returned float32 for float64 input (8e-4 off the float64 result) and
+    ActNorm returned a float64 output with a float32 ladj."""
+    with pytest.raises(ValueError, match="float32 parameters but the input is torch.float64"):
+        nf.LULinear(4).inverse(torch.randn(3, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="float32 parameters but the input is torch.float64"):
+        nf.ActNorm(4)(torch.randn(3, 4, dtype=torch.float64))
+
+
+def test_one_d_context_message_says_one_d():
+    layer = nf.Coupling(nf.Affine(), features=4, context_features=2)
+    with pytest.raises(ValueError, match=r"1-D context of shape \(2,\); for one row use "
+                                         r"context.reshape\(1, 2\)"):
+        layer(torch.randn(3, 4), torch.randn(2))
+
+
+def test_conditioner_networks_check_their_inputs():
+    """MLP / MADE called directly: the widths and the context are checked (a conditional
+    MADE used to ignore a missing context silently)."""
+    mlp = MLP(3, 2, (4,), context_features=1)
+    with pytest.raises(ValueError, match="MLP expects inputs with 3 features"):
+        mlp(torch.zeros(5, 4), torch.zeros(5, 1))
+    with pytest.raises(ValueError, match="MLP is conditional"):
+        mlp(torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="context with 1 features"):
+        mlp(torch.zeros(5, 3), torch.zeros(5, 2))
+    assert mlp(torch.zeros(5, 3), torch.zeros(1, 1)).shape == (5, 2)  # a (1, C) context
+    made = MADE(3, 2, (8,), context_features=2)
+    with pytest.raises(ValueError, match="MADE is conditional"):
+        made(torch.zeros(5, 3))
+    with pytest.raises(ValueError, match="MADE is unconditional"):
+        MADE(3, 2, (8,))(torch.zeros(5, 3), torch.zeros(5, 2))
+    assert made(torch.zeros(5, 3), torch.zeros(5, 2)).shape == (5, 3, 2)
+
+
+def test_batchnorm_empty_batch_in_training():
+    with pytest.raises(ValueError, match="non-empty batch"):
+        nf.BatchNorm(4)(torch.randn(0, 4))
+
+
+def test_dtype_cache_follows_conversions():
+    """The cached parameter dtype is forgotten by .double() / .float(), also of members
+    inside a Chain."""
+    chain = nf.Chain([nf.LULinear(3), nf.Coupling(nf.Affine(), features=3)])
+    x = torch.randn(4, 3)
+    chain(x)
+    chain.double()
+    z, _ = chain(x.double())
+    assert z.dtype == torch.float64
+    with pytest.raises(ValueError, match="float64 parameters but the input is torch.float32"):
+        chain(x)
+    chain.float()
+    assert chain(x)[0].dtype == torch.float32
