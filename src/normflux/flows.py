@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 
+from ._checks import context_width, integer
 from .distributions.base import BaseDistribution
 from .transforms.base import Transform, is_compiling
 
@@ -36,13 +37,23 @@ class Flow(nn.Module):
             conditional one — each message names what was expected and what was
             received. These checks run before any computation (the NaN checks are
             skipped inside ``torch.compile``). At construction: ``transform``, ``base``
-            and ``context_features`` that disagree on the context width.
-        TypeError: ``x`` or ``context`` is not a :class:`torch.Tensor`.
+            and ``context_features`` that disagree on the context width, or a
+            ``context_features`` that is not an integer >= 1.
+        TypeError: ``x`` or ``context`` is not a :class:`torch.Tensor`. At construction:
+            ``transform`` is not a :class:`~normflux.transforms.Transform` or ``base`` not
+            a :class:`~normflux.distributions.BaseDistribution`.
     """
 
     def __init__(self, transform: Transform, base: BaseDistribution,
                  context_features: int | None = None):
         super().__init__()
+        if not isinstance(transform, Transform):
+            raise TypeError("transform must be a normflux Transform (e.g. a Chain of layers), "
+                            f"got {type(transform).__name__}")
+        if not isinstance(base, BaseDistribution):
+            raise TypeError("base must be a normflux BaseDistribution (e.g. DiagGaussian), "
+                            f"got {type(base).__name__}")
+        context_features = context_width(context_features)
         self.transform = transform
         self.base = base
         feats = {m.context_features for m in (transform, base) if m.context_features is not None}
@@ -85,6 +96,8 @@ class Flow(nn.Module):
 
     def _prepare_context(self, context: Tensor | None, batch: tuple[int, ...]) -> Tensor | None:
         C = self.context_features
+        if context is not None and not isinstance(context, Tensor):
+            raise TypeError(f"context must be a torch.Tensor or None, got {type(context).__name__}")
         if C is None:
             if context is not None:
                 raise ValueError("this flow is unconditional but a context of shape "
@@ -93,10 +106,13 @@ class Flow(nn.Module):
         if context is None:
             raise ValueError(f"this flow is conditional: pass a context with {C} features "
                              "(context=None was given)")
-        if not isinstance(context, Tensor):
-            raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
         if not context.is_floating_point():
             raise ValueError(f"context must be floating point, got dtype {context.dtype}")
+        if context.dim() == 1 and context.shape[0] != C:
+            raise ValueError(f"context must have {C} features, got a 1-D context of shape "
+                             f"{tuple(context.shape)}, which is read as a single row of "
+                             f"{context.shape[0]} features; a batch of contexts is 2-D "
+                             f"(batch, {C})" + (": use context.reshape(-1, 1)" if C == 1 else ""))
         if context.dim() == 0 or context.shape[-1] != C:
             raise ValueError(f"context must have {C} features in its last dimension, got "
                              f"context of shape {tuple(context.shape)} "
@@ -172,10 +188,11 @@ class Flow(nn.Module):
             ``log_prob`` of shape ``(n,)`` or ``(n, M)`` (nats).
 
         Raises:
-            ValueError: ``n < 0``, or a context the flow does not accept (see the class
-                docstring).
+            ValueError: ``n`` is not an integer >= 0 (``2.5``, ``"3"``, ``None``), or a
+                context the flow does not accept (see the class docstring).
+            TypeError: ``context`` is not a :class:`torch.Tensor` or ``None``.
         """
-        n = int(n)
+        n = integer("n", n)
         if n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
         batch: tuple[int, ...] = (n,)
@@ -197,8 +214,11 @@ class Flow(nn.Module):
         Like ``torch.distributions``' ``sample``, this runs under ``torch.no_grad()``; for
         reparameterized samples use :meth:`sample_and_log_prob` or
         ``flow.distribution(context).rsample(...)``.
+
+        Raises:
+            ValueError, TypeError: as :meth:`sample_and_log_prob`.
         """
-        n = int(n)
+        n = integer("n", n)
         if n < 0:
             raise ValueError(f"n must be non-negative, got {n}")
         batch: tuple[int, ...] = (n,)
@@ -221,8 +241,17 @@ class Flow(nn.Module):
 
         Returns:
             a scalar tensor, ``-mean(log_prob(x, context))`` over every batch entry.
+
+        Raises:
+            ValueError: an empty batch (its mean would be NaN), or ``x``/``context`` the
+                flow does not accept (see the class docstring).
+            TypeError: ``x`` or ``context`` is not a :class:`torch.Tensor`.
         """
-        return -self.log_prob(x, context).mean()
+        lp = self.log_prob(x, context)
+        if lp.numel() == 0:
+            raise ValueError(f"forward_kld needs a non-empty batch, got x of shape "
+                             f"{tuple(x.shape)} (empty batch)")
+        return -lp.mean()
 
     def reverse_kld(self, target, n: int, beta: float = 1.0,
                     context: Tensor | None = None) -> Tensor:
@@ -243,12 +272,30 @@ class Flow(nn.Module):
 
         Returns:
             a scalar tensor (nats).
+
+        Raises:
+            ValueError: ``n`` is not an integer >= 1 (an empty batch has no mean), a
+                context the flow does not accept, or ``target.log_prob`` returned a
+                tensor of another shape than ``log_q`` (``(n,)`` or ``(n, M)``).
+            TypeError: ``target.log_prob`` returned something other than a tensor, or
+                ``context`` is not a tensor.
         """
+        n = integer("n", n, minimum=1)
         x, log_q = self.sample_and_log_prob(n, context)
+        if log_q.numel() == 0:
+            raise ValueError(f"reverse_kld needs a non-empty batch, got samples of shape "
+                             f"{tuple(x.shape)} (empty batch)")
         if context is not None:
             log_p = target.log_prob(x, context)
         else:
             log_p = target.log_prob(x)
+        if not isinstance(log_p, Tensor):
+            raise TypeError(f"target.log_prob must return a torch.Tensor of shape "
+                            f"{tuple(log_q.shape)}, got {type(log_p).__name__}")
+        if log_p.shape != log_q.shape:
+            raise ValueError(f"target.log_prob returned shape {tuple(log_p.shape)} for samples "
+                             f"x of shape {tuple(x.shape)}; expected one value per sample, "
+                             f"shape {tuple(log_q.shape)}")
         return (log_q - beta * log_p).mean()
 
     # ------------------------------------------------------------------ distribution view
@@ -256,6 +303,9 @@ class Flow(nn.Module):
         """A :class:`torch.distributions.Distribution` view of the flow at ``context``.
 
         With ``context`` of shape ``(M, C)`` the distribution has ``batch_shape (M,)``.
+
+        Raises:
+            TypeError: ``context`` is not a :class:`torch.Tensor` or ``None``.
         """
         return FlowDistribution(self, context)
 
@@ -287,6 +337,8 @@ class FlowDistribution(Distribution):
 
     Raises:
         ValueError: as :class:`Flow` (a value or context the flow does not accept).
+        TypeError: ``context`` is not a :class:`torch.Tensor` or ``None`` (at
+            construction).
     """
 
     has_rsample = True
@@ -294,6 +346,8 @@ class FlowDistribution(Distribution):
     support = constraints.real_vector
 
     def __init__(self, flow: Flow, context: Tensor | None = None):
+        if context is not None and not isinstance(context, Tensor):
+            raise TypeError(f"context must be a torch.Tensor or None, got {type(context).__name__}")
         self.flow = flow
         self.context = context
         batch = tuple(context.shape[:-1]) if context is not None else ()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
+
+from ._checks import integer
 
 __all__ = ["log_importance_weights", "effective_sample_size", "log_normalizer",
            "reverse_kl", "forward_kl", "bits_per_dim"]
@@ -28,6 +31,20 @@ def log_importance_weights(log_p: Tensor, log_q: Tensor) -> Tensor:
     return log_p - log_q
 
 
+def _weights(log_w) -> Tensor:
+    """``log_w`` must be a non-empty 1-D tensor ``(n,)`` (shape checks only)."""
+    if not isinstance(log_w, Tensor):
+        raise TypeError(f"log_w must be a torch.Tensor, got {type(log_w).__name__}")
+    if log_w.dim() != 1:
+        raise ValueError(f"log_w must be 1-D (n,), got shape {tuple(log_w.shape)}; for "
+                         "several sets of weights call it once per set")
+    if log_w.shape[0] == 0:
+        raise ValueError("log_w is empty: need at least one importance weight (n >= 1)")
+    if not log_w.is_floating_point():
+        raise ValueError(f"log_w must be floating point, got dtype {log_w.dtype}")
+    return log_w
+
+
 def effective_sample_size(log_w: Tensor) -> Tensor:
     """Kish effective sample size as a fraction of ``n``: ``(sum w)^2 / (n sum w^2)`` in (0, 1].
 
@@ -40,8 +57,12 @@ def effective_sample_size(log_w: Tensor) -> Tensor:
 
     Returns:
         a scalar tensor in ``(0, 1]`` (1 for equal weights).
+
+    Raises:
+        TypeError: ``log_w`` is not a :class:`torch.Tensor`.
+        ValueError: ``log_w`` is not 1-D, is empty, or is not floating point.
     """
-    n = log_w.shape[0]
+    n = _weights(log_w).shape[0]
     log_w = log_w - log_w.max()  # shift first: exact for large |log w|
     return torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0) - math.log(n))
 
@@ -57,8 +78,12 @@ def log_normalizer(log_w: Tensor) -> Tensor:
 
     Returns:
         a scalar tensor.
+
+    Raises:
+        TypeError: ``log_w`` is not a :class:`torch.Tensor`.
+        ValueError: ``log_w`` is not 1-D, is empty, or is not floating point.
     """
-    return torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
+    return torch.logsumexp(_weights(log_w), 0) - math.log(log_w.shape[0])
 
 
 def reverse_kl(log_q: Tensor, log_p: Tensor, log_z: float = 0.0) -> Tensor:
@@ -108,11 +133,22 @@ def bits_per_dim(nll: float | Tensor, dims: int, levels: int | None = None) -> f
     Arguments:
         nll: mean continuous NLL in nats per example: a float, or a tensor of any shape
             (elementwise).
-        dims: dimensions per example (``D``).
-        levels: integer values per dimension before dequantisation, or ``None``.
+        dims: dimensions per example (``D``), an integer >= 1.
+        levels: integer values per dimension before dequantisation (an integer >= 1),
+            or ``None``.
 
     Returns:
         bits per dimension, a float or a tensor of ``nll``'s shape.
+
+    Raises:
+        ValueError: ``dims`` or ``levels`` is not an integer >= 1.
+        TypeError: ``nll`` is neither a real number nor a :class:`torch.Tensor`.
     """
+    if not isinstance(nll, Tensor) and (isinstance(nll, bool) or
+                                        not isinstance(nll, numbers.Real)):
+        raise TypeError(f"nll must be a real number or a torch.Tensor, got {type(nll).__name__}")
+    dims = integer("dims", dims, minimum=1)
+    if levels is not None:
+        levels = integer("levels", levels, minimum=1)
     bpd = nll / (dims * math.log(2))
-    return bpd + (math.log2(levels) if levels else 0.0)
+    return bpd + (math.log2(levels) if levels is not None else 0.0)

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ._checks import integer, real
+
 __all__ = ["DivergenceError", "fit_to_data", "fit_to_target", "evaluate_nll", "make_optimizer"]
 
 
@@ -58,12 +60,12 @@ def make_optimizer(flow: nn.Module, lr: float, total_steps: int, weight_decay: f
         ``(optimizer, scheduler)``; call ``scheduler.step()`` after each optimizer step.
 
     Raises:
-        ValueError: ``lr <= 0`` or ``total_steps < 1``.
+        ValueError: ``lr`` not a finite number > 0, ``total_steps`` not an integer >= 1,
+            or ``weight_decay`` not a finite number >= 0.
     """
-    if not lr > 0:
-        raise ValueError(f"lr must be positive, got {lr}")
-    if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    lr = real("lr", lr, low=0, low_open=True)
+    total_steps = integer("total_steps", total_steps, minimum=1)
+    weight_decay = real("weight_decay", weight_decay, low=0)
     opt = torch.optim.Adam(flow.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     return opt, sched
@@ -76,6 +78,47 @@ def _param_info(flow: nn.Module) -> tuple[torch.dtype, torch.device]:
         if b.is_floating_point():
             return b.dtype, b.device
     return torch.get_default_dtype(), torch.device("cpu")
+
+
+def _loop_args(batch_size, lr, clip, seed, weight_decay=0.0):
+    """The arguments :func:`fit_to_data` and :func:`fit_to_target` share, checked with one
+    wording: ``batch_size`` an integer >= 1, ``lr`` > 0, ``clip`` > 0 or ``None``, ``seed``
+    an integer, ``weight_decay`` >= 0 (``ValueError`` naming the argument otherwise)."""
+    return (integer("batch_size", batch_size, minimum=1),
+            real("lr", lr, low=0, low_open=True),
+            None if clip is None else real("clip", clip, low=0, low_open=True),
+            integer("seed", seed),
+            real("weight_decay", weight_decay, low=0))
+
+
+def _check_rows(name: str, t) -> None:
+    """``t`` must be a real (floating or integer) tensor with a leading row dimension."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have a leading row dimension (N, ...), got a 0-d tensor")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{name} has dtype {t.dtype}; expected a real floating-point or "
+                         "integer tensor (it is converted to the flow's dtype)")
+
+
+def _check_context_rows(context, n: int, *, data: str, name: str, single_row: bool) -> None:
+    """``context`` (if any) must have as many rows as ``data`` (``n``), before any
+    chunking or splitting; with ``single_row`` a single ``(C,)``/``(1, C)`` row is
+    accepted too (it broadcasts over the data)."""
+    if context is None:
+        return
+    _check_rows(name, context)
+    if context.dim() == 1:
+        if single_row:
+            return
+        raise ValueError(f"{name} must be 2-D (N, C), got a 1-D tensor of shape "
+                         f"{tuple(context.shape)}; for one context feature per row use "
+                         f"{name}.reshape(-1, 1)")
+    rows = context.shape[0]
+    if rows != n and not (single_row and rows == 1):
+        raise ValueError(f"{data} has {n} rows but {name} has {rows}; they must match"
+                         + (f" (or {name} must be a single row)" if single_row else ""))
 
 
 def _step(flow: nn.Module, loss: Tensor, opt, sched, clip: float | None, *, where: str,
@@ -118,7 +161,10 @@ def evaluate_nll(flow: nn.Module, data: Tensor, context: Tensor | None = None,
 
     Arguments:
         flow: a :class:`~normflux.flows.Flow`.
-        data: ``(N, *event_shape)``; context: ``(N, C)`` or ``None``.
+        data: ``(N, *event_shape)``, any real floating-point or integer dtype (converted
+            to the flow's dtype and device chunk by chunk).
+        context: ``(N, C)``, a single row ``(C,)`` or ``(1, C)`` shared by every
+            example, or ``None``.
         batch_size: evaluation chunk size (memory only; the result does not depend on it).
 
     Returns:
@@ -126,26 +172,33 @@ def evaluate_nll(flow: nn.Module, data: Tensor, context: Tensor | None = None,
         mode and its training flag restored.
 
     Raises:
-        ValueError, TypeError: data or context the flow does not accept (see
-            :class:`~normflux.flows.Flow`).
-        ZeroDivisionError: ``data`` has no rows.
+        TypeError: ``data`` or ``context`` is not a :class:`torch.Tensor`.
+        ValueError: ``data`` has no rows or is 0-d; ``data`` or ``context`` is complex or
+            bool; ``context`` has neither ``N`` rows nor a single one (checked before
+            chunking); ``batch_size`` is not an integer >= 1; or data or context the
+            flow does not accept (see :class:`~normflux.flows.Flow`).
     """
+    _check_rows("data", data)
+    n = data.shape[0]
+    if n == 0:
+        raise ValueError("evaluate_nll needs at least one row of data, got an empty tensor")
+    _check_context_rows(context, n, data="data", name="context", single_row=True)
+    batch_size = integer("batch_size", batch_size, minimum=1)
+    whole_context = context is not None and (context.dim() == 1 or context.shape[0] == 1)
     dtype, device = _param_info(flow)
     was = flow.training
     flow.eval()
     try:
         total = 0.0
-        if data.shape[0] == 0:
-            raise ValueError("evaluate_nll needs at least one row of data, got an empty tensor")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        for i in range(0, data.shape[0], batch_size):
+        for i in range(0, n, batch_size):
             xb = data[i:i + batch_size].to(device=device, dtype=dtype)
-            cb = None if context is None else context[i:i + batch_size].to(device=device, dtype=dtype)
+            cb = None if context is None else \
+                (context if whole_context else context[i:i + batch_size]).to(device=device,
+                                                                             dtype=dtype)
             total += float(flow.log_prob(xb, cb).double().sum())
     finally:
         flow.train(was)
-    return -total / data.shape[0]
+    return -total / n
 
 
 def fit_to_data(flow: nn.Module, data: Tensor, context: Tensor | None = None, *,
@@ -164,8 +217,9 @@ def fit_to_data(flow: nn.Module, data: Tensor, context: Tensor | None = None, *,
 
     Arguments:
         flow: a :class:`~normflux.flows.Flow` (trained in place).
-        data: ``(N, *event_shape)`` training data (any float/int dtype; converted to the
-            flow's dtype and device batch by batch).
+        data: ``(N, *event_shape)`` training data (any real float/int dtype, not complex
+            or bool; converted to the flow's dtype and device batch by batch; array-likes
+            are converted with ``torch.as_tensor``).
         context: ``(N, C)`` contexts for a conditional flow, or ``None``.
         epochs: maximum number of epochs (>= 1).
         batch_size: mini-batch size; the last, smaller batch of an epoch is kept.
@@ -173,7 +227,8 @@ def fit_to_data(flow: nn.Module, data: Tensor, context: Tensor | None = None, *,
         val_fraction: fraction of ``data`` held out for validation when ``val_data`` is
             not given (a seeded random split); 0 disables validation and early stopping
             (the final weights are kept).
-        val_data, val_context: an explicit validation set instead of the split.
+        val_data, val_context: an explicit validation set instead of the split
+            (``val_context``: ``(len(val_data), C)`` or one row shared by all).
         patience: epochs without improvement before stopping (``None``: never stop early).
         seed: seeds the split, the batch order, the dequantisation noise and torch's
             global generator inside the loop.
@@ -194,38 +249,56 @@ def fit_to_data(flow: nn.Module, data: Tensor, context: Tensor | None = None, *,
     Raises:
         DivergenceError: a non-finite training loss, gradient norm or validation loss
             (the message names the epoch, the step and the value).
-        ValueError: ``data`` and ``context`` with different numbers of rows,
-            ``epochs < 1``, ``batch_size < 1``, ``val_fraction`` outside ``[0, 1)``, too
-            few points for the validation split (e.g. a single point), ``lr <= 0``, or
-            data the flow rejects.
+        ValueError: ``data`` and ``context`` with different numbers of rows (likewise
+            ``val_data`` and ``val_context``), a 1-D ``context``, data or context that is
+            complex, bool, empty or contains NaN/Inf, ``val_context`` without
+            ``val_data``, ``epochs``/``batch_size``/``patience`` not integers >= 1,
+            ``seed`` not an integer, ``lr`` or ``clip`` not a finite number > 0,
+            ``weight_decay`` < 0, ``val_fraction`` outside ``[0, 1)``, too few points for
+            the validation split (e.g. a single point), or data the flow rejects. Each
+            message names the argument.
     """
     t0 = time.perf_counter()
     if not isinstance(data, Tensor):
         data = torch.as_tensor(data)
     if context is not None and not isinstance(context, Tensor):
         context = torch.as_tensor(context)
+    _check_rows("data", data)
     N = data.shape[0]
-    if context is not None and context.shape[0] != N:
-        raise ValueError(f"data has {N} rows but context has {context.shape[0]}")
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    _check_context_rows(context, N, data="data", name="context", single_row=False)
+    epochs = integer("epochs", epochs, minimum=1)
+    batch_size, lr, clip, seed, weight_decay = _loop_args(batch_size, lr, clip, seed,
+                                                          weight_decay)
     if N == 0:
         raise ValueError("fit_to_data needs at least one row of data, got an empty tensor")
-    if clip is not None and not clip > 0:
-        raise ValueError(f"clip must be a positive gradient norm or None, got {clip}")
-    if patience is not None and patience < 1:
-        raise ValueError(f"patience must be >= 1 or None, got {patience}")
+    if patience is not None:
+        patience = integer("patience", patience, minimum=1)
+    val_fraction = real("val_fraction", val_fraction, low=0, high=1, high_open=True)
+    if val_context is not None and val_data is None:
+        raise ValueError("val_context was given without val_data (the validation split of "
+                         "data uses rows of context)")
+    if val_data is not None:
+        if not isinstance(val_data, Tensor):
+            val_data = torch.as_tensor(val_data)
+        if val_context is not None and not isinstance(val_context, Tensor):
+            val_context = torch.as_tensor(val_context)
+        _check_rows("val_data", val_data)
+        if val_data.shape[0] == 0:
+            raise ValueError("val_data has no rows; pass None to use a split of data")
+        _check_context_rows(val_context, val_data.shape[0], data="val_data", name="val_context",
+                            single_row=True)
     _check_finite(data, "data")
     if context is not None:
         _check_finite(context, "context")
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if val_data is not None:
+        _check_finite(val_data, "val_data")
+        if val_context is not None:
+            _check_finite(val_context, "val_context")
     dtype, device = _param_info(flow)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(seed)
     if val_data is not None:
         train_x, train_c = data, context
-        val_x = val_data if isinstance(val_data, Tensor) else torch.as_tensor(val_data)
-        val_c = val_context
+        val_x, val_c = val_data, val_context
     else:
         n_val = int(round(val_fraction * N))
         if val_fraction > 0:
@@ -251,7 +324,7 @@ def fit_to_data(flow: nn.Module, data: Tensor, context: Tensor | None = None, *,
     step = 0
     was = flow.training
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(int(seed))
+        torch.manual_seed(seed)
         bar = tqdm(total=epochs, disable=not progress, desc="fit", unit="epoch", leave=False,
                    dynamic_ncols=True)
         try:
@@ -317,7 +390,8 @@ def fit_to_target(flow: nn.Module, target, *, steps: int = 1000, batch_size: int
 
     Arguments:
         flow: a :class:`~normflux.flows.Flow` (trained in place).
-        target: an object with ``log_prob(x) -> (batch,)`` (e.g. :mod:`normflux.targets`).
+        target: an object with ``log_prob(x) -> (batch,)`` (e.g. :mod:`normflux.targets`);
+            the returned shape is checked at every step.
         steps: number of optimizer steps (>= 1).
         batch_size: samples per step.
         lr: peak learning rate (cosine schedule to 0 over ``steps``).
@@ -332,18 +406,24 @@ def fit_to_target(flow: nn.Module, target, *, steps: int = 1000, batch_size: int
 
     Raises:
         DivergenceError: a non-finite loss or gradient norm (names the step and value).
-        ValueError: ``steps`` or ``batch_size`` < 1, or ``lr <= 0``.
+        ValueError: ``steps`` or ``batch_size`` not an integer >= 1, ``seed`` not an
+            integer, ``lr`` or ``clip`` not a finite number > 0 (the same checks as
+            :func:`fit_to_data`), or ``target.log_prob`` returning another shape than
+            ``(batch_size,)``.
+        TypeError: ``target`` has no ``log_prob`` method, or it returns a non-tensor.
     """
     t0 = time.perf_counter()
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
+    steps = integer("steps", steps, minimum=1)
+    batch_size, lr, clip, seed, _ = _loop_args(batch_size, lr, clip, seed)
+    if not callable(getattr(target, "log_prob", None)):
+        raise TypeError(f"target must have a log_prob(x) method, got {type(target).__name__}")
     _, device = _param_info(flow)
     opt, sched = make_optimizer(flow, lr, steps)
     history: dict = {"loss": [], "steps": 0}
     was = flow.training
     flow.train()
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        torch.manual_seed(int(seed))
+        torch.manual_seed(seed)
         bar = tqdm(range(1, steps + 1), disable=not progress, desc="fit", unit="step",
                    leave=False, dynamic_ncols=True, mininterval=0.5)
         try:

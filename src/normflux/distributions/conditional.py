@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .._checks import integer, real
 from ..nets.mlp import MLP
 from .base import BaseDistribution
 
@@ -21,13 +22,13 @@ class _GaussianFromParams(BaseDistribution):
         raise NotImplementedError
 
     def log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
-        self._check(z, context)
+        self._check_log_prob(z, context)
         loc, log_scale = self._loc_log_scale(context)
         u = (z - loc) * torch.exp(-log_scale)
         return (-0.5 * u * u - log_scale).sum(-1) - 0.5 * math.log(2 * math.pi) * z.shape[-1]
 
     def sample(self, n: int, context: Tensor | None = None) -> Tensor:
-        self._check(None, context, n)
+        n = self._check_sample(n, context)
         loc, log_scale = self._loc_log_scale(context)
         loc, log_scale = loc.expand(n, -1), log_scale.expand(n, -1)
         return loc + torch.exp(log_scale) * torch.randn_like(loc)
@@ -42,26 +43,36 @@ class ConditionalDiagGaussian(_GaussianFromParams):
     ``[-log_scale_bound, log_scale_bound]`` through ``tanh``.
 
     Arguments:
-        features: ``D``.
-        context_features: ``C``.
-        hidden_features: hidden widths of the encoder MLP.
-        log_scale_bound: bound on ``|log sigma|`` (default 5).
+        features: ``D``, an integer >= 1.
+        context_features: ``C``, an integer >= 1.
+        hidden_features: hidden widths of the encoder MLP (integers >= 1).
+        log_scale_bound: bound on ``|log sigma|`` (default 5), finite and ``> 0``.
 
     Shapes:
         ``log_prob(z (n, D), context (n, C)) -> (n,)``; ``sample(n, context (n, C))``
-        (or ``(1, C)``) ``-> (n, D)``.
+        (or ``(1, C)``) ``-> (n, D)``; a context of batch 1 broadcasts in both.
 
     Raises:
-        ValueError: a missing context, or one of the wrong shape.
+        ValueError: at construction, ``features`` or ``context_features`` not an
+            integer >= 1, bad ``hidden_features`` (see :class:`~normflux.nets.MLP`),
+            ``log_scale_bound`` not a finite number > 0. At call time, ``z`` not of
+            shape ``(n, D)``, not floating-point or not of the distribution's dtype;
+            ``n`` not an integer >= 0; a missing context, or one of the wrong shape,
+            batch size or dtype.
+        TypeError: ``z`` or ``context`` is not a :class:`torch.Tensor`.
     """
 
     def __init__(self, features: int, context_features: int,
                  hidden_features: Sequence[int] | int = (64, 64), log_scale_bound: float = 5.0):
         super().__init__()
-        self.event_shape = (int(features),)
-        self.context_features = int(context_features)
-        self.log_scale_bound = float(log_scale_bound)
-        self.encoder = MLP(context_features, 2 * features, hidden_features)
+        features = integer("features", features, minimum=1)
+        self.event_shape = (features,)
+        self.context_features = integer("context_features", context_features, minimum=1)
+        self.log_scale_bound = real("log_scale_bound", log_scale_bound, low=0.0, low_open=True)
+        self.encoder = MLP(self.context_features, 2 * features, hidden_features)
+
+    def _dtype(self):
+        return self.encoder.head.weight.dtype
 
     def _loc_log_scale(self, context):
         out = self.encoder(context)
@@ -78,23 +89,33 @@ class ClassConditionalDiagGaussian(_GaussianFromParams):
     base of Glow's class-conditional experiments, Kingma & Dhariwal 2018, section 5).
 
     Arguments:
-        features: ``D``.
-        classes: number of classes (the context width).
+        features: ``D``, an integer >= 1.
+        classes: number of classes (the context width), an integer >= 1.
 
     Shapes:
         ``log_prob(z (n, D), context (n, classes)) -> (n,)`` (nats);
-        ``sample(n, context (n, classes))`` (or ``(1, classes)``) ``-> (n, D)``.
+        ``sample(n, context (n, classes))`` (or ``(1, classes)``) ``-> (n, D)``; a
+        context of batch 1 broadcasts in both.
 
     Raises:
-        ValueError: a missing context, or one of the wrong shape.
+        ValueError: at construction, ``features`` or ``classes`` not an integer >= 1. At
+            call time, ``z`` not of shape ``(n, D)``, not floating-point or not of the
+            distribution's dtype; ``n`` not an integer >= 0; a missing context, or one
+            of the wrong shape, batch size or dtype.
+        TypeError: ``z`` or ``context`` is not a :class:`torch.Tensor`.
     """
 
     def __init__(self, features: int, classes: int):
         super().__init__()
-        self.event_shape = (int(features),)
-        self.context_features = int(classes)
+        features = integer("features", features, minimum=1)
+        classes = integer("classes", classes, minimum=1)
+        self.event_shape = (features,)
+        self.context_features = classes
         self.means = nn.Parameter(torch.zeros(classes, features))
         self.log_scales = nn.Parameter(torch.zeros(classes, features))
+
+    def _dtype(self):
+        return self.means.dtype
 
     def _loc_log_scale(self, context):
         return context @ self.means, context @ self.log_scales
