@@ -295,3 +295,23 @@ def test_validation_set_is_checked_like_the_data():
     hist = training.fit_to_data(flow, x, c, val_data=torch.randn(10, 2),
                                 val_context=torch.randn(10, 1), **_FIT)
     assert len(hist["val_loss"]) == 1
+
+
+def test_loops_name_a_wrong_flow_or_callback():
+    """Something other than a flow (or an adapter with its methods) and non-callable hooks:
+    a TypeError naming them, not an AttributeError from inside the loop."""
+    from normflux.targets import TwoMoons
+    from normflux.training import evaluate_nll, fit_to_data, fit_to_target
+
+    data = torch.randn(40, 2)
+    with pytest.raises(TypeError, match="flow must be an nn.Module with log_prob"):
+        evaluate_nll(nn.Linear(2, 2), data)
+    with pytest.raises(TypeError, match="flow must be an nn.Module with forward_kld"):
+        fit_to_data(object(), data, epochs=1, progress=False)
+    with pytest.raises(TypeError, match="flow must be an nn.Module with reverse_kld"):
+        fit_to_target(nn.Linear(2, 2), TwoMoons(), steps=1, progress=False)
+    flow = nf.models.build("realnvp", features=2, layers=2, hidden=(8, 8))
+    with pytest.raises(TypeError, match="callback must be callable"):
+        fit_to_data(flow, data, epochs=1, progress=False, callback=3)
+    with pytest.raises(TypeError, match="dequantize must be callable"):
+        fit_to_data(flow, data, epochs=1, progress=False, dequantize="yes")

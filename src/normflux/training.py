@@ -71,6 +71,21 @@ def make_optimizer(flow: nn.Module, lr: float, total_steps: int, weight_decay: f
     return opt, sched
 
 
+def _check_flow(flow, *methods: str) -> None:
+    """``flow`` is a module with the methods a loop calls (a :class:`~normflux.flows.Flow`
+    or an adapter with the same methods); TypeError naming what is missing."""
+    missing = [m for m in methods if not callable(getattr(flow, m, None))]
+    if not isinstance(flow, nn.Module) or missing:
+        raise TypeError(f"flow must be an nn.Module with {', '.join(methods)} (a normflux Flow), "
+                        f"got {type(flow).__name__}"
+                        + (f" without {', '.join(missing)}" if missing else ""))
+
+
+def _check_callable(name: str, f) -> None:
+    if f is not None and not callable(f):
+        raise TypeError(f"{name} must be callable or None, got {type(f).__name__}")
+
+
 def _param_info(flow: nn.Module) -> tuple[torch.dtype, torch.device]:
     for p in flow.parameters():
         return p.dtype, p.device
@@ -172,12 +187,14 @@ def evaluate_nll(flow: nn.Module, data: Tensor, context: Tensor | None = None,
         mode and its training flag restored.
 
     Raises:
-        TypeError: ``data`` or ``context`` is not a :class:`torch.Tensor`.
+        TypeError: ``flow`` is not a module with ``log_prob``; ``data`` or ``context`` is
+            not a :class:`torch.Tensor`.
         ValueError: ``data`` has no rows or is 0-d; ``data`` or ``context`` is complex or
             bool; ``context`` has neither ``N`` rows nor a single one (checked before
             chunking); ``batch_size`` is not an integer >= 1; or data or context the
             flow does not accept (see :class:`~normflux.flows.Flow`).
     """
+    _check_flow(flow, "log_prob")
     _check_rows("data", data)
     n = data.shape[0]
     if n == 0:
@@ -257,8 +274,13 @@ def fit_to_data(flow: nn.Module, data: Tensor, context: Tensor | None = None, *,
             ``weight_decay`` < 0, ``val_fraction`` outside ``[0, 1)``, too few points for
             the validation split (e.g. a single point), or data the flow rejects. Each
             message names the argument.
+        TypeError: ``flow`` is not a module with ``forward_kld``, or ``dequantize`` /
+            ``callback`` is not callable.
     """
     t0 = time.perf_counter()
+    _check_flow(flow, "forward_kld")
+    _check_callable("dequantize", dequantize)
+    _check_callable("callback", callback)
     if not isinstance(data, Tensor):
         data = torch.as_tensor(data)
     if context is not None and not isinstance(context, Tensor):
@@ -410,9 +432,12 @@ def fit_to_target(flow: nn.Module, target, *, steps: int = 1000, batch_size: int
             integer, ``lr`` or ``clip`` not a finite number > 0 (the same checks as
             :func:`fit_to_data`), or ``target.log_prob`` returning another shape than
             ``(batch_size,)``.
-        TypeError: ``target`` has no ``log_prob`` method, or it returns a non-tensor.
+        TypeError: ``flow`` is not a module with ``reverse_kld``, ``callback`` is not
+            callable, ``target`` has no ``log_prob`` method, or it returns a non-tensor.
     """
     t0 = time.perf_counter()
+    _check_flow(flow, "reverse_kld")
+    _check_callable("callback", callback)
     steps = integer("steps", steps, minimum=1)
     batch_size, lr, clip, seed, _ = _loop_args(batch_size, lr, clip, seed)
     if not callable(getattr(target, "log_prob", None)):
