@@ -210,3 +210,7 @@ def test_rq_spline_rejects_floors_outside_their_range(kw, match):
     import normflux
     with pytest.raises(ValueError, match=match):
         normflux.RQSpline(8, **kw)
+    # the functional form too: a negative floor could make the knots decrease
+    with pytest.raises(ValueError, match=match):
+        fused_rq_spline(torch.zeros(2, 3), torch.zeros(2, 3, 23), -torch.ones(3), torch.ones(3),
+                        bins=8, **kw)

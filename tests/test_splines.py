@@ -80,9 +80,10 @@ def test_knot_invariants(kind):
 def test_spline_knots_errors():
     with pytest.raises(ValueError, match="parameters per coordinate"):
         knots(torch.zeros(1, 10), bins=4)
-    with pytest.raises(ValueError, match="too large"):
-        spline_knots(torch.zeros(1, 11), torch.tensor([-1.0]), torch.tensor([1.0]), bins=4,
-                     min_bin_width=0.3)
+    for floors in (dict(min_bin_width=0.3), dict(min_bin_height=-0.05)):
+        with pytest.raises(ValueError, match="must be >= 0 with floor \\* bins < 1"):
+            spline_knots(torch.zeros(1, 11), torch.tensor([-1.0]), torch.tensor([1.0]), bins=4,
+                         **floors)
 
 
 def test_monotone_continuous_and_ladj_is_log_slope():

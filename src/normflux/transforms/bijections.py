@@ -17,7 +17,7 @@ from .._tracing import is_compiling
 from ._first_order import reference_backward, use_reference
 from .domains import DomainSpec
 from .fused_spline import fused_rq_spline
-from .splines import rational_quadratic_spline, spline_knots
+from .splines import check_bin_floors, rational_quadratic_spline, spline_knots
 
 __all__ = ["Bijection", "Affine", "Additive", "RQSpline"]
 
@@ -255,10 +255,7 @@ class RQSpline(Bijection):
         if not 0 <= min_derivative < 1:
             raise ValueError(f"min_derivative must be in [0, 1) (a zero parameter gives slope "
                              f"1), got {min_derivative}")
-        if not (0 <= min_bin_width and 0 <= min_bin_height
-                and max(min_bin_width, min_bin_height) * int(bins) < 1):
-            raise ValueError(f"min_bin_width and min_bin_height must be >= 0 with floor * bins "
-                             f"< 1, got {min_bin_width}, {min_bin_height} for {bins} bins")
+        check_bin_floors(bins, min_bin_width, min_bin_height)
         self.bins = int(bins)
         self.tail_bound = float(tail_bound)
         self.min_bin_width = min_bin_width

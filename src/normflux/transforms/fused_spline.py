@@ -49,6 +49,7 @@ from .splines import (
     _rq_inverse,
     _rq_inverse_vjp,
     _rq_partials,
+    check_bin_floors,
     rational_quadratic_spline,
     spline_knots,
 )
@@ -196,11 +197,10 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
 
     Raises:
         ValueError: ``x`` is 0-d, ``params`` is not of shape ``x.shape + (3K - 1,)``, the
-            floors leave no room (``min_bin_width * K >= 1``), or ``min_derivative`` is
-            outside ``[0, 1)``.
+            floors are negative or leave no room (``min_bin_width * K >= 1``), or
+            ``min_derivative`` is outside ``[0, 1)``.
     """
-    if min_bin_width * bins >= 1 or min_bin_height * bins >= 1:
-        raise ValueError(f"min_bin_width/min_bin_height too large for {bins} bins")
+    check_bin_floors(bins, min_bin_width, min_bin_height)
     if not 0 <= min_derivative < 1:
         raise ValueError(f"min_derivative must be in [0, 1) (a zero parameter gives slope 1), "
                          f"got {min_derivative}")

@@ -63,9 +63,21 @@ typedef struct {
 } tile_t;
 
 /* ------------------------------------------------------------------ vector lanes */
+/* Lanes per vector: as many doubles as the target's vector registers hold (AVX-512: 8,
+ * AVX: 4, else 2), so that a step's values stay in registers; a wider type would be
+ * split into register pairs and spilled (2-3x slower on AVX2). */
+#if defined(__AVX512F__)
 #define V 8
+#elif defined(__AVX__)
+#define V 4
+#else
+#define V 2
+#endif
+_Static_assert(TILE % V == 0, "a tile holds whole vectors (partial tiles stay in bounds)");
 typedef double vd __attribute__((vector_size(V * 8)));
-typedef int64_t vl __attribute__((vector_size(V * 8)));  /* masks: -1 true, 0 false */
+/* masks: -1 true, 0 false; long long, the type of a comparison's result in both GCC and
+ * Clang (Clang rejects int64_t, which is long, under -flax-vector-conversions=none) */
+typedef long long vl __attribute__((vector_size(V * 8)));
 typedef double vdu __attribute__((vector_size(V * 8), aligned(8)));
 
 INLINE vd vload(const double *p) { return *(const vdu *)p; }
@@ -129,7 +141,9 @@ INLINE vd softmax(const tile_t *t, int K, int half, int j0) {
 typedef struct { vd x0, x1, y0, y1, d0, d1, sg0, sg1, kf, xs; vl inside; } bin_t;
 
 /* Knots lo + W cumsum(m + a p) (a = 1 - m K), both halves in one pass, with the bin
- * search and the gathers of the bin's ends and slope parameters on the way. */
+ * search and the gathers of the bin's ends and slope parameters on the way. The floors
+ * m are >= 0 (the callers check), so the knots never decrease: the last knot <= the
+ * input is the count-th, and the gathered bin is the counted one. */
 INLINE bin_t locate(const spec_t *s, const int K, const tile_t *t, int j0, vd x) {
     const double mw = s->mw, aw = 1.0 - mw * K, mh = s->mh, ah = 1.0 - mh * K;
     const vd zero = vsplat(0.0), one = vsplat(1.0);
@@ -312,10 +326,9 @@ INLINE void backward_lanes(const spec_t *s, const int K, tile_t *t, int j0, cons
     }
     /* softplus' = sigmoid (0 for a boundary slope) */
     const vd g_d0 = p.d0 * vload(t->sv[SV_SG0] + j0), g_d1 = p.d1 * vload(t->sv[SV_SG1] + j0);
-    double *qd = ROW(t->gu, 2 * K) + j0;
     for (int i = 0; i + 1 < K; i++)
-        vstore(ROW(qd, i), vsel(kf == (double)(i + 1), g_d0, zero)
-                           + vsel(kf == (double)i, g_d1, zero));
+        vstore(ROW(t->gu, 2 * K + i) + j0, vsel(kf == (double)(i + 1), g_d0, zero)
+                                           + vsel(kf == (double)i, g_d1, zero));
 }
 
 /* ------------------------------------------------------------------ strided I/O */

@@ -17,7 +17,20 @@ from torch import Tensor
 
 from .._tracing import is_compiling
 
-__all__ = ["rational_quadratic_spline", "spline_knots"]
+__all__ = ["check_bin_floors", "rational_quadratic_spline", "spline_knots"]
+
+
+def check_bin_floors(bins: int, min_bin_width: float, min_bin_height: float) -> None:
+    """Check the floors of the bin widths and heights (fractions of the box).
+
+    Raises:
+        ValueError: a negative floor (the knots could then decrease), or a floor of
+            ``1 / bins`` or more (no room left for the softmax).
+    """
+    if not (0 <= min_bin_width and 0 <= min_bin_height
+            and max(min_bin_width, min_bin_height) * bins < 1):
+        raise ValueError(f"min_bin_width and min_bin_height must be >= 0 with floor * bins "
+                         f"< 1, got {min_bin_width}, {min_bin_height} for {bins} bins")
 
 
 def _normalise(u: Tensor, minimum: float | Tensor) -> Tensor:
@@ -64,12 +77,12 @@ def spline_knots(params: Tensor, low: Tensor, high: Tensor, kind: Tensor | None 
         ``(xk, yk, dk)``, each ``(..., n, K+1)``: x-knots, y-knots and slopes at the knots.
 
     Raises:
-        ValueError: ``P`` does not match ``bins``, or the floors leave no room.
+        ValueError: ``P`` does not match ``bins``, a negative floor, or floors that
+            leave no room.
     """
     K = bins
     P = params.shape[-1]
-    if min_bin_width * K >= 1 or min_bin_height * K >= 1:
-        raise ValueError(f"min_bin_width/min_bin_height too large for {K} bins")
+    check_bin_floors(K, min_bin_width, min_bin_height)
     full = kind is not None
     if P != (3 * K + 1 if full else 3 * K - 1):
         raise ValueError(f"spline expects {3 * K + 1 if full else 3 * K - 1} parameters per "
