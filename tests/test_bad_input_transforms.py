@@ -100,6 +100,11 @@ def test_conditioner_networks_check_their_inputs():
     with pytest.raises(ValueError, match="MADE is unconditional"):
         MADE(3, 2, (8,))(torch.zeros(5, 3), torch.zeros(5, 2))
     assert made(torch.zeros(5, 3), torch.zeros(5, 2)).shape == (5, 3, 2)
+    for net in (lambda: MLP(3, 2, ()), lambda: MADE(3, 2, ())):
+        with pytest.raises(ValueError, match="at least one hidden layer"):
+            net()
+    with pytest.raises(ValueError, match="features must be >= 1, got 0"):
+        MADE(0, 2, (8,))
 
 
 def test_batchnorm_empty_batch_in_training():

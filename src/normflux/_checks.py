@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["context_width", "integer", "real"]
+__all__ = ["context_width", "flag", "integer", "real"]
 
 
 def integer(name: str, value, minimum: int | None = None) -> int:
@@ -60,3 +60,14 @@ def context_width(value) -> int | None:
         ValueError: anything else (``0``, negative, non-integral).
     """
     return None if value is None else integer("context_features", value, minimum=1)
+
+
+def flag(name: str, value) -> bool:
+    """``value``, which must be a ``bool``.
+
+    Raises:
+        ValueError: anything else (``1``, ``"no"``, ``None``).
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import integer
+from ._checks import flag, integer
 from .distributions.base import BaseDistribution, CircularUniform, DiagGaussian, Product, Uniform
 from .flows import Flow
 from .transforms.autoregressive import MaskedAutoregressive
@@ -489,11 +489,6 @@ def base_for(domains: Sequence[Domain]) -> BaseDistribution:
     return parts[0] if len(parts) == 1 else Product(parts)
 
 
-def _integer(name: str, value) -> int:
-    """``value`` as an int; ValueError for non-integral numbers, bools and other types."""
-    return integer(name, value)
-
-
 def build(name: str, features: int, *, context: int | None = None, layers: int = 8,
           hidden: Sequence[int] | int = (64, 64), bins: int = 8, tail_bound: float = 3.0,
           domains=None, permutation: str = "random", standardize: bool = False,
@@ -530,20 +525,19 @@ def build(name: str, features: int, *, context: int | None = None, layers: int =
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
-    features = _integer("features", features)
-    layers = _integer("layers", layers)
-    bins = _integer("bins", bins)
+    features = integer("features", features)
+    layers = integer("layers", layers)
+    bins = integer("bins", bins)
     if context is not None:
-        context = _integer("context", context)
+        context = integer("context", context)
     if isinstance(hidden, str) or not isinstance(hidden, (int, Sequence)) or isinstance(hidden, bool):
         raise ValueError(f"hidden must be an int or a sequence of ints, got {hidden!r}")
-    hidden = [_integer("hidden", h) for h in ([hidden] * 2 if isinstance(hidden, int) else hidden)]
+    hidden = [integer("hidden", h) for h in ([hidden] * 2 if isinstance(hidden, int) else hidden)]
     if not math.isfinite(float(tail_bound)) or float(tail_bound) <= 0:
         raise ValueError(f"tail_bound must be a positive finite number, got {tail_bound!r}")
     if permutation not in ("random", "reverse", "none"):
         raise ValueError(f"permutation must be 'random', 'reverse' or 'none', got {permutation!r}")
-    if not isinstance(standardize, bool):
-        raise ValueError(f"standardize must be True or False, got {standardize!r}")
+    flag("standardize", standardize)
     if features < 2:
         raise ValueError(f"flow models need at least 2 features, got {features}")
     if int(layers) < 1:

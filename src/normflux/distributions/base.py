@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import integer, real
+from .._checks import flag, integer, real
 from ..transforms.base import check_context
 
 __all__ = ["BaseDistribution", "DiagGaussian", "Uniform", "VonMises", "CircularUniform", "Product"]
@@ -40,12 +40,6 @@ def _vector(value, features: int, name: str, positive: bool = False) -> Tensor:
     if positive and not bool((t > 0).all()):
         raise ValueError(f"{name} must be positive (> 0 in {t.dtype}), got {t.tolist()}")
     return t
-
-
-def _flag(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return value
 
 
 def _shape(shape: Sequence[int]) -> str:
@@ -174,7 +168,7 @@ class DiagGaussian(BaseDistribution):
         self.event_shape = (features,)
         loc = _vector(loc, features, "loc")
         scale = _vector(scale, features, "scale", positive=True)
-        if _flag("trainable", trainable):
+        if flag("trainable", trainable):
             self.loc = nn.Parameter(loc)
             self.log_scale = nn.Parameter(scale.log())
         else:
@@ -310,7 +304,7 @@ class VonMises(BaseDistribution):
         self.event_shape = (features,)
         loc = _vector(loc, features, "loc")
         kappa = _vector(concentration, features, "concentration", positive=True)
-        if _flag("trainable", trainable):
+        if flag("trainable", trainable):
             self.loc = nn.Parameter(loc)
             self.log_concentration = nn.Parameter(kappa.log())
         else:

@@ -140,7 +140,8 @@ class MADE(nn.Module):
         ``forward(x (batch, n_in), context (batch, C)) -> (batch, D, P)``.
 
     Raises:
-        ValueError: widths or ``features`` that are not integers >= 1, ``context_features``
+        ValueError: widths or ``features`` that are not integers >= 1, no hidden layer,
+            ``context_features``
             neither ``None`` nor an integer >= 1, unequal widths with ``residual``, bad
             order.
         IndexError: an ``input_index`` entry outside ``0..D-1``.
@@ -158,13 +159,12 @@ class MADE(nn.Module):
         if isinstance(hidden_features, int):
             hidden_features = (hidden_features, hidden_features)
         hidden = tuple(integer("hidden_features", h, minimum=1) for h in hidden_features)
-        if features < 1 or params_per_feature < 1 or not hidden or min(hidden) < 1:
-            raise ValueError(f"MADE widths must be positive: features={features}, "
-                             f"P={params_per_feature}, hidden={hidden}")
-        if residual and len(set(hidden)) != 1:
-            raise ValueError(f"a residual MADE needs equal hidden widths, got {hidden}")
         D = integer("features", features, minimum=1)
         P = integer("params_per_feature", params_per_feature, minimum=1)
+        if not hidden:
+            raise ValueError("MADE needs at least one hidden layer, got hidden_features=()")
+        if residual and len(set(hidden)) != 1:
+            raise ValueError(f"a residual MADE needs equal hidden widths, got {hidden}")
         self.features, self.params_per_feature = D, P
         self.context_features = context_features = context_width(context_features)
         degrees = autoregressive_order(order, D, generator)

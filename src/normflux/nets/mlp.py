@@ -53,7 +53,7 @@ class MLP(nn.Module):
 
     Raises:
         ValueError: widths that are not integers >= 1 (``in_features`` may be 0), no
-            input at all (``in_features = 0`` without a context), ``context_features``
+            hidden layer, no input at all (``in_features = 0`` without a context), ``context_features``
             neither ``None`` nor an integer >= 1, or unequal widths with ``residual``.
     """
 
@@ -67,9 +67,8 @@ class MLP(nn.Module):
         hidden_features = tuple(integer("hidden_features", h, minimum=1) for h in hidden_features)
         in_features = integer("in_features", in_features, minimum=0)
         out_features = integer("out_features", out_features, minimum=1)
-        if not hidden_features or min(hidden_features) < 1 or out_features < 1 or in_features < 0:
-            raise ValueError(f"MLP widths must be positive, got in={in_features}, "
-                             f"hidden={hidden_features}, out={out_features}")
+        if not hidden_features:
+            raise ValueError("MLP needs at least one hidden layer, got hidden_features=()")
         if residual and len(set(hidden_features)) != 1:
             raise ValueError("a residual MLP needs equal hidden widths, got "
                              f"{hidden_features}")

@@ -17,7 +17,7 @@ from .._tracing import is_compiling
 from ._first_order import reference_backward, use_reference
 from .domains import DomainSpec
 from .fused_spline import fused_rq_spline
-from .splines import check_bin_floors, rational_quadratic_spline, spline_knots
+from .splines import check_floors, rational_quadratic_spline, spline_knots
 
 __all__ = ["Bijection", "Affine", "Additive", "RQSpline"]
 
@@ -252,10 +252,7 @@ class RQSpline(Bijection):
         super().__init__()
         bins = integer("bins", bins, minimum=1)
         tail_bound = real("tail_bound", tail_bound, low=0, low_open=True)
-        if not 0 <= min_derivative < 1:
-            raise ValueError(f"min_derivative must be in [0, 1) (a zero parameter gives slope "
-                             f"1), got {min_derivative}")
-        check_bin_floors(bins, min_bin_width, min_bin_height)
+        check_floors(bins, min_bin_width, min_bin_height, min_derivative)
         self.bins = int(bins)
         self.tail_bound = float(tail_bound)
         self.min_bin_width = min_bin_width

@@ -49,7 +49,7 @@ from .splines import (
     _rq_inverse,
     _rq_inverse_vjp,
     _rq_partials,
-    check_bin_floors,
+    check_floors,
     rational_quadratic_spline,
     spline_knots,
 )
@@ -200,10 +200,7 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
             floors are negative or leave no room (``min_bin_width * K >= 1``), or
             ``min_derivative`` is outside ``[0, 1)``.
     """
-    check_bin_floors(bins, min_bin_width, min_bin_height)
-    if not 0 <= min_derivative < 1:
-        raise ValueError(f"min_derivative must be in [0, 1) (a zero parameter gives slope 1), "
-                         f"got {min_derivative}")
+    check_floors(bins, min_bin_width, min_bin_height, min_derivative)
     if x.dim() == 0:
         raise ValueError("spline inputs must have shape (..., n), got a 0-d tensor")
     if params.shape[-1] != 3 * bins - 1:

@@ -17,20 +17,26 @@ from torch import Tensor
 
 from .._tracing import is_compiling
 
-__all__ = ["check_bin_floors", "rational_quadratic_spline", "spline_knots"]
+__all__ = ["check_floors", "rational_quadratic_spline", "spline_knots"]
 
 
-def check_bin_floors(bins: int, min_bin_width: float, min_bin_height: float) -> None:
-    """Check the floors of the bin widths and heights (fractions of the box).
+def check_floors(bins: int, min_bin_width: float, min_bin_height: float,
+                 min_derivative: float | None = None) -> None:
+    """Check a spline's floors: of the bin widths and heights (fractions of the box) and,
+    unless ``None``, of the slopes.
 
     Raises:
-        ValueError: a negative floor (the knots could then decrease), or a floor of
-            ``1 / bins`` or more (no room left for the softmax).
+        ValueError: a negative bin floor (the knots could then decrease), a bin floor of
+            ``1 / bins`` or more (no room left for the softmax), or ``min_derivative``
+            outside ``[0, 1)`` (a zero parameter gives slope 1).
     """
     if not (0 <= min_bin_width and 0 <= min_bin_height
             and max(min_bin_width, min_bin_height) * bins < 1):
         raise ValueError(f"min_bin_width and min_bin_height must be >= 0 with floor * bins "
                          f"< 1, got {min_bin_width}, {min_bin_height} for {bins} bins")
+    if min_derivative is not None and not 0 <= min_derivative < 1:
+        raise ValueError(f"min_derivative must be in [0, 1) (a zero parameter gives slope 1), "
+                         f"got {min_derivative}")
 
 
 def _normalise(u: Tensor, minimum: float | Tensor) -> Tensor:
@@ -82,7 +88,7 @@ def spline_knots(params: Tensor, low: Tensor, high: Tensor, kind: Tensor | None 
     """
     K = bins
     P = params.shape[-1]
-    check_bin_floors(K, min_bin_width, min_bin_height)
+    check_floors(K, min_bin_width, min_bin_height)
     full = kind is not None
     if P != (3 * K + 1 if full else 3 * K - 1):
         raise ValueError(f"spline expects {3 * K + 1 if full else 3 * K - 1} parameters per "
