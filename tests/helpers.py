@@ -235,9 +235,9 @@ def sharpen_(module: torch.nn.Module, g: torch.Generator, bias_std: float = 20.0
     and weights ~ N(0, weight_std^2): unnormalised spline parameters of scale ``bias_std``."""
     for m in module.modules():
         if isinstance(m, Coupling):
-            head = m.conditioner.head
-            head.weight.copy_(weight_std * randn_like_gen(head.weight, g))
-            head.bias.copy_(bias_std * randn_like_gen(head.bias, g))
+            weight, bias = m.conditioner.linear_parameters()[-1]
+            weight.copy_(weight_std * randn_like_gen(weight, g))
+            bias.copy_(bias_std * randn_like_gen(bias, g))
     return module
 
 

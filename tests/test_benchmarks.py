@@ -35,10 +35,12 @@ def _load(name, path):
 suite = _load("normflux_bench_suite", SUITE)
 memory = _load("normflux_bench_memory", MEMORY)
 import normflux  # noqa: E402
-from normflux.nets import MADE  # noqa: E402
+from normflux.nets import MADE, MLP  # noqa: E402
 
 
 def _linears(module):
+    if isinstance(module, MLP):  # one packed parameter: the layers' weight views
+        return [(w.shape[1], w.shape[0]) for w, _ in module.linear_parameters()]
     return [(m.in_features, m.out_features) for m in module.modules()
             if isinstance(m, torch.nn.Linear)]
 

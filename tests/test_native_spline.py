@@ -228,7 +228,7 @@ def test_build_is_cached_per_source_and_machine(tmp_path):
         done = subprocess.run([sys.executable, "-c", code], env=environ, capture_output=True,
                               text=True, timeout=300)
         assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr
-    built = list(tmp_path.glob("rq_kernel-*.so"))
+    built = list(tmp_path.glob("kernels-*.so"))
     assert len(built) == 1
     mtime = built[0].stat().st_mtime_ns
     subprocess.run([sys.executable, "-c", code], env=environ, check=True, timeout=300,

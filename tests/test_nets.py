@@ -41,3 +41,96 @@ def test_made_transposed_output_same_values():
     one = trans.sequential_params(c)(x, 2)
     assert one.stride(0) == 1  # memory (P, batch)
     assert (plain.sequential_params(c)(x, 2) - one).abs().max() < 1e-14
+
+
+# ------------------------------------------------- the packed parameter and its one node
+def _linear_stack(n_in, hidden, out, residual):
+    """The nn.Linear layers an MLP draws its initial values from, in the same order."""
+    widths = [n_in] + ([hidden[0]] * (2 * len(hidden) - 1) if residual else list(hidden))
+    lins = [torch.nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:])]
+    return lins + [torch.nn.Linear(hidden[-1], out)]
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_mlp_packs_the_initial_values_of_linear_layers(residual):
+    torch.manual_seed(3)
+    mlp = MLP(3, 5, (7, 7, 7), residual=residual, zero_init=False)
+    torch.manual_seed(3)
+    lins = _linear_stack(3, (7, 7, 7), 5, residual)
+    assert [n for n, _ in mlp.named_parameters()] == ["packed"]
+    assert mlp.packed.numel() == sum(p.numel() for m in lins for p in m.parameters())
+    layers = mlp.linear_parameters()
+    assert len(layers) == len(lins)
+    for (w, b), lin in zip(layers, lins):
+        assert torch.equal(w, lin.weight) and torch.equal(b, lin.bias)
+    # the views write through to the network, and zero_init zeroes the last layer only
+    x = torch.randn(4, 3)
+    with torch.no_grad():
+        layers[-1][1].fill_(2.5)
+        layers[-1][0].zero_()
+    assert torch.equal(mlp(x), torch.full((4, 5), 2.5))
+    torch.manual_seed(3)
+    zeroed = MLP(3, 5, (7, 7, 7), residual=residual)
+    w, b = zeroed.linear_parameters()[-1]
+    assert not w.any() and not b.any() and torch.equal(
+        zeroed.packed[:-w.numel() - b.numel()], mlp.packed[:-w.numel() - b.numel()])
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_mlp_loads_a_state_dict_of_the_former_layout(residual):
+    """``body.0.weight`` ... ``head.bias`` (one nn.Linear per layer) load into ``packed``,
+    also nested in a flow, and the network computes what the old layers computed."""
+    import normflux as nf
+    torch.manual_seed(0)
+    lins = _linear_stack(2, (6, 6), 4, residual)
+    names = (["body.0", "body.2.net.0", "body.2.net.2"] if residual else ["body.0", "body.2"])
+    old = {f"{n}.{k}": v for n, lin in zip(names + ["head"], lins)
+           for k, v in lin.state_dict().items()}
+    mlp = MLP(2, 4, (6, 6), residual=residual)
+    mlp.load_state_dict(old)  # strict: nothing missing, nothing unexpected
+    x = torch.randn(5, 2)
+    h = torch.relu(lins[0](x))
+    if residual:
+        h = torch.relu(h + lins[2](torch.relu(lins[1](h))))
+    else:
+        h = torch.relu(lins[1](h))
+    assert (mlp(x) - lins[-1](h)).abs().max() < 1e-6
+    if not residual:  # nested: the prefix of the conditioner inside a flow
+        flow = nf.Flow(nf.Coupling(nf.Affine(), features=4, hidden_features=(6, 6)),
+                       nf.DiagGaussian(4))
+        sd = {k: v for k, v in flow.state_dict().items() if not k.endswith("packed")}
+        sd.update({f"transform.conditioner.{k}": v for k, v in old.items()})
+        flow.load_state_dict(sd)
+        assert torch.equal(flow.transform.conditioner.packed, mlp.packed)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_relu_mlp_node_matches_autograd_to_second_order(transposed):
+    """The one-node ReLU MLP (eager, with gradients) against the same layers recorded op
+    by op: values, first derivatives of input and parameters, gradgradcheck, batched
+    VJPs."""
+    from normflux.nets.mlp import _ReluMLP
+    torch.manual_seed(2)
+    mlp = MLP(3, 4, (6, 5), context_features=2, zero_init=False,
+              transposed_output=transposed).double()
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(7, 2, dtype=torch.float64)
+    out = mlp(x, c)
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_ReluMLPBackward"
+    ref = mlp._layers(torch.cat([x, c], -1), mlp.packed, transposed)
+    assert torch.equal(out, ref)
+    g = torch.randn_like(out)
+    a = torch.autograd.grad(out, (x, mlp.packed), g)
+    b = torch.autograd.grad(ref, (x, mlp.packed), g)
+    assert all((u - v).abs().max() < 1e-13 for u, v in zip(a, b))
+    # the parameters alone (the input is data), and a second order
+    xc = torch.cat([x, c], -1).detach()
+    assert torch.autograd.gradcheck(lambda p: _ReluMLP.apply(xc, p, mlp, transposed),
+                                    (mlp.packed,))
+    assert torch.autograd.gradgradcheck(lambda x, p: _ReluMLP.apply(x, p, mlp, transposed),
+                                        (xc.requires_grad_(), mlp.packed))
+    v = torch.randn(3, *out.shape, dtype=torch.float64)
+    (J,) = torch.autograd.grad(mlp(x, c), x, v, is_grads_batched=True)
+    (Jr,) = torch.autograd.grad(mlp._layers(torch.cat([x, c], -1), mlp.packed, transposed),
+                                x, v, is_grads_batched=True)
+    assert (J - Jr).abs().max() < 1e-13

@@ -72,7 +72,7 @@ class ConditionalDiagGaussian(_GaussianFromParams):
         self.encoder = MLP(self.context_features, 2 * features, hidden_features)
 
     def _dtype(self):
-        return self.encoder.head.weight.dtype
+        return self.encoder.packed.dtype
 
     def _loc_log_scale(self, context):
         out = self.encoder(context)

@@ -9,12 +9,15 @@ layer) owns the network. A new bijection (a sum-of-squares polynomial, say) need
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
 from .._checks import integer, real
 from .._tracing import is_compiling
-from ._first_order import reference_backward, use_reference
+from . import native_affine
+from ._first_order import reference_backward, reference_grads, use_reference
 from .domains import DomainSpec
 from .fused_spline import fused_rq_spline
 from .splines import check_floors, rational_quadratic_spline, spline_knots
@@ -72,6 +75,18 @@ class Bijection(nn.Module):
     def inverse(self, y: Tensor, params: Tensor, spec: DomainSpec) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def fused_coupling(self) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+        """A coupling layer's whole forward step in one fused op, or ``None`` (the default).
+
+        The callable maps ``(x, params, columns)`` to ``(y, ladj)``: ``x`` and ``y`` the
+        layer's whole input and output ``(batch, D)``, ``columns`` the ``(n,)`` long
+        indices of the transformed coordinates, ``params`` ``(batch, n, P)`` theirs,
+        ``ladj`` ``(batch,)`` summed over them; the other columns pass through. Without
+        it (and always for the inverse) :class:`~normflux.transforms.Coupling` splits the
+        columns, calls :meth:`forward` and merges, one op each with its own backward.
+        """
+        return None
+
 
 class Affine(Bijection):
     """Affine map ``y = x * exp(s) + t`` with a bounded log-scale.
@@ -115,6 +130,14 @@ class Affine(Bijection):
     def inverse(self, y, params, spec):
         t, s = self._scale(params)
         return (y - t) * torch.exp(-s), -s
+
+    def fused_coupling(self):
+        """:class:`_AffineCoupling` (see :meth:`Bijection.fused_coupling`), except where
+        fused Functions step aside (:func:`use_reference`)."""
+        if use_reference():
+            return None
+        bound = self.log_scale_bound
+        return lambda x, params, columns: _AffineCoupling.apply(x, params, columns, bound)
 
     def extra_repr(self) -> str:
         return f"log_scale_bound={self.log_scale_bound}"
@@ -164,17 +187,83 @@ class _BoundedAffine(torch.autograd.Function):
         g_x = gy * torch.exp(s)
         if not ctx.needs_input_grad[1]:
             return g_x, None, None
-        th = s / bound
-        # d s / d r = 1 - tanh^2; d y / d r = x exp(s) d s / d r
-        if reference_backward(gy, gs) or is_compiling():  # create_graph=True, batched
-            # VJPs; and inductor, which fuses this (dynamo cannot trace a strided out=)
-            g_r = torch.addcmul(gs, g_x, x) * (1 - th * th)
-            return g_x, torch.stack((gy, g_r), -1), None
-        g = torch.empty(x.shape + (2,), dtype=x.dtype, device=x.device)
-        g_t, g_r = g.unbind(-1)
-        g_t.copy_(gy)
-        torch.mul(torch.addcmul(gs, g_x, x), torch.addcmul(_one(x), th, th, value=-1), out=g_r)
-        return g_x, g, None
+        # create_graph=True and batched VJPs: differentiable ops on the saved output s
+        out_of_place = reference_backward(gy, gs) or is_compiling()
+        return g_x, _affine_params_grad(gy, gs, g_x, x, s / bound, out_of_place), None
+
+
+def _affine_params_grad(gy: Tensor, gs: Tensor, g_x: Tensor, x: Tensor, th: Tensor,
+                        out_of_place: bool) -> Tensor:
+    """The ``(..., n, 2)`` gradient of ``params = (t, r)`` of the bounded affine map, from
+    the gradients ``gy`` of ``y`` and ``gs`` of ``s`` (any shape that broadcasts), ``g_x =
+    gy exp(s)`` and ``th = tanh(r / bound)``: ``dy/dt = 1``, ``ds/dr = 1 - th^2``, ``dy/dr =
+    x exp(s) ds/dr``. In place into one tensor, or (``out_of_place``: differentiable, and
+    for inductor, as dynamo cannot trace a strided ``out=``) stacked."""
+    if out_of_place:
+        return torch.stack((gy, torch.addcmul(gs, g_x, x) * (1 - th * th)), -1)
+    g = torch.empty(x.shape + (2,), dtype=x.dtype, device=x.device)
+    g_t, g_r = g.unbind(-1)
+    g_t.copy_(gy)
+    torch.mul(torch.addcmul(gs, g_x, x), torch.addcmul(_one(x), th, th, value=-1), out=g_r)
+    return g
+
+
+def _affine_coupling(x: Tensor, params: Tensor, columns: Tensor, bound: float
+                     ) -> tuple[Tensor, Tensor]:
+    """The forward of an affine coupling layer with plain differentiable ops (the
+    reference of :class:`_AffineCoupling`): ``columns`` of ``x`` mapped by
+    :func:`_affine`, ``ladj`` summed over them."""
+    y_b, s = _affine(x.index_select(1, columns), params[..., 0], params[..., 1], bound)
+    return x.index_copy(1, columns, y_b), s.sum(1)
+
+
+class _AffineCoupling(torch.autograd.Function):
+    """An affine coupling layer's forward in one node: ``(x (batch, D), params (batch, n,
+    2), columns (n,), bound) -> (y (batch, D), ladj (batch,))``, the map of
+    :func:`_affine_coupling` with a closed-form backward.
+
+    One node in place of five (the split of the columns, the affine map, the merge, the
+    sum of ``ladj`` and a view), whose fixed cost dominates small layers; on CPU tensors
+    both passes are one call of a C kernel each (:mod:`~normflux.transforms.native_affine`,
+    computing in double), elsewhere (and under ``torch.compile``) the tensor ops of
+    :func:`_affine_coupling`. Keeps ``x``, ``exp(s)`` and ``tanh(r / bound)``; a backward
+    with ``create_graph=True`` or batched differentiates the reference
+    (:func:`reference_grads`)."""
+
+    @staticmethod
+    def forward(ctx, x, params, columns, bound):
+        if native_affine.usable(x):
+            y, ladj, e, th = native_affine.forward(x, params, columns, bound)
+        else:
+            t, r = params.unbind(-1)
+            th = torch.tanh(r / bound)
+            s = bound * th
+            e = torch.exp(s)
+            y = x.index_copy(1, columns, x.index_select(1, columns) * e + t)
+            ladj = s.sum(1)
+        if not ctx.needs_input_grad[1]:
+            ctx.mark_non_differentiable(ladj)  # ladj depends on the parameters only
+        ctx.save_for_backward(x, params, columns, e, th)
+        ctx.bound = bound
+        return y, ladj
+
+    @staticmethod
+    def backward(ctx, gy, gl):
+        x, params, columns, e, th = ctx.saved_tensors
+        if reference_backward(gy, gl):
+            g_x, g_p = reference_grads(
+                lambda x, params: _affine_coupling(x, params, columns, ctx.bound),
+                (x, params), (gy, gl))
+            return g_x, g_p, None, None
+        if native_affine.usable(x):
+            g_x, g_p = native_affine.backward(gy, gl, x, columns, e, th, ctx.needs_input_grad[0])
+            return g_x, g_p, None, None
+        gy_b = gy.index_select(1, columns)
+        g_xb = gy_b * e
+        g_x = gy.index_copy(1, columns, g_xb) if ctx.needs_input_grad[0] else None
+        g_p = _affine_params_grad(gy_b, gl[:, None], g_xb, x.index_select(1, columns), th,
+                                  is_compiling())
+        return g_x, g_p, None, None
 
 
 def _one(x: Tensor) -> Tensor:

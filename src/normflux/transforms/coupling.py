@@ -157,6 +157,9 @@ class Coupling(Transform):
 
     def _couple(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         self._check(x, context)
+        fused = None if inverse else self.bijection.fused_coupling()
+        if fused is not None:
+            return fused(x, self._params(self._columns_a(x), context), self.idx_b)
         x_a, x_b = self._split(x)
         params = self._params(x_a, context)
         f = self.bijection.inverse if inverse else self.bijection.forward
@@ -178,6 +181,16 @@ class Coupling(Transform):
             x_b, x_a = x.unflatten(1, (-1, 2)).unbind(-1)
             return x_a, x_b
         return x.index_select(1, self.idx_a), x.index_select(1, self.idx_b)
+
+    def _columns_a(self, x: Tensor) -> Tensor:
+        """``x_A``, the first part of :meth:`_split`, alone (a view unless the mask is
+        irregular)."""
+        plan, n_a, n_b = self._plan, self.idx_a.numel(), self.idx_b.numel()
+        if plan is None:
+            return x.index_select(1, self.idx_a)
+        if plan.startswith("blocks"):
+            return x[:, n_b:] if plan.endswith("B first") else x[:, :n_a]
+        return x[:, 1::2] if plan.endswith("B first") else x[:, 0::2]
 
     def _merge(self, x_a: Tensor, y_b: Tensor, x: Tensor) -> Tensor:
         """``x`` with its B columns replaced by ``y_b``."""

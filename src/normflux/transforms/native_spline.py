@@ -8,182 +8,37 @@ storage type (one rounding on store), reading every tensor through its strides. 
 replaces some 150 tensor ops per layer and pass, which is what a spline layer costs on
 a CPU at small and moderate batch sizes.
 
-The kernel is compiled with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or
-``clang``) the first time a process needs it, and cached in ``$NORMFLUX_CACHE`` (default
-``~/.cache/normflux``; a per-user temporary directory if that cannot be written), keyed
-by the source, the flags, the compiler and the CPU. It is optional: without a compiler,
-with ``NORMFLUX_NATIVE=0``, on other devices, or when the build fails, :func:`available`
-is false and the splines run on tensor ops (a failed build is retried by the next
-process, not cached).
+The kernel is built at first use (:mod:`~normflux.transforms.native`). It is optional:
+without a compiler, with ``NORMFLUX_NATIVE=0``, on other devices, or when the build
+fails, :func:`available` is false and the splines run on tensor ops.
 """
 
 from __future__ import annotations
 
 import array
-import ctypes
 import hashlib
-import logging
-import os
-import platform
-import shlex
-import shutil
-import subprocess
-import sys
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .._tracing import is_compiling
+from . import native
 from ._first_order import reference_backward, reference_grads
 
 __all__ = ["available", "rq_spline", "traceable"]
 
-_log = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("rq_kernel.c")
-# First the vectorised build (-march=native; GCC calls glibc's libmvec for the SIMD
-# exp/log, Clang the scalar ones), then plainer ones. Flags keep IEEE semantics: no
-# -ffast-math, no FMA contraction (ISO C mode implies it for GCC, not for Clang).
-_FLAG_SETS = (
-    ["-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-DNFX_SIMD_MATH",
-     "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-lmvec", "-lm"],
-    ["-O3", "-march=native", "-std=c11", "-ffp-contract=off", "-fopenmp-simd",
-     "-fno-math-errno", "-lm"],
-    ["-O2", "-std=c11", "-ffp-contract=off", "-lm"],
-)
-
-
-# ``_call`` passes ``io_t`` of ``rq_kernel.c`` as an array of int64 (its fields are all
-# 64 bits wide on LP64: pointers and element strides), in the struct's field order.
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("NORMFLUX_CACHE")
-    if root:
-        return Path(root)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "normflux"
-
-
-def _cpu_id() -> str:
-    """What ``-march=native`` depends on: the CPU's model and feature flags."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags", "Features"))]
-    return "\n".join(dict.fromkeys(lines))
-
-
-def _compile(cc: list[str], flags: list[str], out: Path) -> bool:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        tmp_so = Path(tmp) / out.name
-        # libraries after the source (link order)
-        cmd = (cc + ["-shared", "-fPIC"] + [f for f in flags if not f.startswith("-l")]
-               + [str(_SOURCE), "-o", str(tmp_so)] + [f for f in flags if f.startswith("-l")])
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        except (OSError, subprocess.SubprocessError) as e:
-            _errors.append(str(e))
-            _log.debug("normflux: spline kernel build failed: %s", e)
-            return False
-        if done.returncode != 0:
-            _errors.append(done.stderr.strip()[-500:] or f"exit status {done.returncode}")
-            _log.debug("normflux: spline kernel build failed: %s", done.stderr[-2000:])
-            return False
-        os.replace(tmp_so, out)  # atomic: concurrent builders each install a whole file
-    return True
-
-
-def _build(cc: list[str], flags: list[str], name: str) -> Path | None:
-    """The cached library ``name``, built if missing; in a per-user temporary directory
-    when the cache directory cannot be written."""
-    fallback = Path(tempfile.gettempdir()) / f"normflux-{os.getuid() if hasattr(os, 'getuid') else 0}"
-    for root in (_cache_dir(), fallback):
-        path = root / name
-        if path.exists():
-            return path
-        try:
-            if _compile(cc, flags, path):
-                return path
-            return None  # the compiler failed: another directory will not help
-        except OSError as e:
-            _log.debug("normflux: cannot build in %s: %s", root, e)
-    return None
-
-
-def _load() -> ctypes.CDLL | None:
-    if os.environ.get("NORMFLUX_NATIVE", "1") == "0" or not sys.platform.startswith(("linux", "darwin")):
-        return None
-    if os.environ.get("CC"):  # the user's compiler, with its arguments ("ccache gcc")
-        cc = shlex.split(os.environ["CC"])
-    else:
-        found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-        cc = [found] if found else []
-    if not cc:
-        return None  # no compiler at all: the documented fallback, silently
-    if shutil.which(cc[0]) is None:
-        _warn(f"the C compiler CC={os.environ['CC']!r} was not found")
-        return None
-    try:
-        version = subprocess.run(cc + ["--version"], capture_output=True, text=True,
-                                 timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    source = _SOURCE.read_bytes()
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join(
-            [source, " ".join(cc + flags).encode(), version.encode(), _cpu_id().encode()])
-        ).hexdigest()
-        path = _build(cc, flags, f"rq_kernel-{key[:20]}.so")
-        if path is None:
-            continue
-        try:
-            lib = ctypes.CDLL(str(path))
-        except OSError as e:
-            _log.debug("normflux: cannot load %s: %s", path, e)
-            continue
-        for fn in (lib.nfx_rq_forward, lib.nfx_rq_backward):
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_double, ctypes.c_double,
-                           ctypes.c_double, ctypes.c_int, ctypes.c_void_p]
-            fn.restype = ctypes.c_int
-        return lib
-    if _errors:
-        _warn(f"{' '.join(cc)} failed to build it: {_errors[-1]}")
-    return None
-
-
-_errors: list[str] = []
-
-
-def _warn(why: str) -> None:
-    warnings.warn(f"normflux: the spline's C kernel is unavailable ({why}); splines run on "
-                  "slower tensor ops. Set NORMFLUX_NATIVE=0 to skip the build.", RuntimeWarning,
-                  stacklevel=3)
-
-
-_LIB: ctypes.CDLL | None = None
-_TRIED = False
 
 
 @torch.compiler.assume_constant_result  # traced by torch.compile as its value (it may build)
 def available() -> bool:
-    """Whether the C kernel is built and loaded (builds it on the first call).
+    """Whether the C kernels are built and loaded (:func:`normflux.transforms.native.available`)."""
+    return native.available()
 
-    False without a C compiler, when the build fails, or with ``NORMFLUX_NATIVE=0`` in the
-    environment at the first call.
-    """
-    global _LIB, _TRIED
-    if not _TRIED:
-        _TRIED = True
-        try:
-            _LIB = _load()
-        except OSError as e:  # an unwritable cache, say: run on tensor ops instead
-            _log.debug("normflux: spline kernel unavailable: %s", e)
-            _LIB = None
-    return _LIB is not None
+
+# ``_call`` passes ``io_t`` of ``rq_kernel.c`` as an array of int64 (its fields are all
+# 64 bits wide on LP64: pointers and element strides), in the struct's field order.
 
 
 def _call(fn, x: Tensor, u: Tensor, low: Tensor, high: Tensor, consts: tuple, *, y=None,
@@ -227,7 +82,7 @@ def _forward(x: Tensor, params: Tensor, low: Tensor, high: Tensor, consts: tuple
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
     lad = torch.empty_like(y)
     sv = x.new_empty((_SAVED_ROWS, x.shape[1], x.shape[0]), dtype=torch.float64) if save else None
-    _call(_LIB.nfx_rq_forward, x, params, low, high, consts, y=y, lad=lad, sv=sv)
+    _call(native.library().nfx_rq_forward, x, params, low, high, consts, y=y, lad=lad, sv=sv)
     return y, lad, sv
 
 
@@ -237,7 +92,7 @@ def _backward(x: Tensor, params: Tensor, low: Tensor, high: Tensor, sv: Tensor, 
     # the strides of params (a dense permutation: a conditioner's transposed output), so
     # that the conditioner's backward reads its gradient without a copy
     gu = torch.empty_like(params)
-    _call(_LIB.nfx_rq_backward, x, params, low, high, consts, gy=gy, gl=gl, gx=gx, gu=gu, sv=sv)
+    _call(native.library().nfx_rq_backward, x, params, low, high, consts, gy=gy, gl=gl, gx=gx, gu=gu, sv=sv)
     return gx, gu
 
 

@@ -1,0 +1,104 @@
+/* The affine coupling step of normflux (transforms/bijections.py, _AffineCoupling) for
+ * CPU tensors: one call for the forward, one for the backward, in place of some twenty
+ * tensor ops whose fixed cost dominates a small coupling layer.
+ *
+ * For rows i < B of x (B, D) and the transformed columns c_k = cols[k], k < n, with the
+ * parameters p[i, k] = (t, r) of a (B, n, 2) tensor and the log-scale bound b:
+ *
+ *   th = tanh(r / b),  s = b th,  e = exp(s)
+ *   y[i, c_k] = x[i, c_k] e + t,   y[i, c] = x[i, c] for the other columns,
+ *   ladj[i] = sum_k s
+ *
+ * and the VJP with the gradients gy (B, D) of y and gl (B,) of ladj:
+ *
+ *   gx[i, c_k] = gy[i, c_k] e,   gx[i, c] = gy[i, c] for the other columns,
+ *   gp[i, k] = (gy[i, c_k],  (gl[i] + gy[i, c_k] e x[i, c_k]) (1 - th^2)).
+ *
+ * The forward returns e and th ((B, n) each), which the backward reads. All
+ * arithmetic in double whatever the storage type (one rounding on store); the same
+ * formulas as the tensor ops of bijections.py. Every tensor is contiguous (the caller,
+ * native_affine.py, makes it so). tanh and exp through glibc's vector math library where
+ * the build declares them SIMD (NFX_SIMD_MATH, see native.py).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef NFX_SIMD_MATH
+#pragma omp declare simd notinbranch
+double exp(double);
+#pragma omp declare simd notinbranch
+double tanh(double);
+#endif
+
+/* rows handled together: the column loops run over a tile's rows, so that they vectorise */
+#define AFFINE_TILE 256
+
+#define AFFINE_KERNELS(T, SUFFIX)                                                          \
+static void forward_##SUFFIX(int64_t B, int64_t D, int64_t n, const T *x, const T *p,      \
+                             const int64_t *cols, double bound, T *y, T *ladj, T *e_out,    \
+                             T *th_out) {                                                   \
+    memcpy(y, x, (size_t)(B * D) * sizeof(T));                                             \
+    for (int64_t i0 = 0; i0 < B; i0 += AFFINE_TILE) {                                      \
+        const int64_t m = B - i0 < AFFINE_TILE ? B - i0 : AFFINE_TILE;                     \
+        double acc[AFFINE_TILE];                                                           \
+        for (int64_t j = 0; j < m; j++) acc[j] = 0.0;                                      \
+        for (int64_t k = 0; k < n; k++) {                                                  \
+            const int64_t c = cols[k];                                                     \
+            _Pragma("omp simd")                                                            \
+            for (int64_t j = 0; j < m; j++) {                                              \
+                const int64_t i = i0 + j;                                                  \
+                const double t = p[(i * n + k) * 2], r = p[(i * n + k) * 2 + 1];           \
+                const double th = tanh(r / bound), s = bound * th, e = exp(s);             \
+                y[i * D + c] = (T)(x[i * D + c] * e + t);                                  \
+                e_out[i * n + k] = (T)e;                                                   \
+                th_out[i * n + k] = (T)th;                                                 \
+                acc[j] += s;                                                               \
+            }                                                                              \
+        }                                                                                  \
+        for (int64_t j = 0; j < m; j++) ladj[i0 + j] = (T)acc[j];                          \
+    }                                                                                      \
+}                                                                                          \
+                                                                                           \
+static void backward_##SUFFIX(int64_t B, int64_t D, int64_t n, const T *gy, const T *gl,   \
+                              const T *x, const int64_t *cols, const T *e_in,              \
+                              const T *th_in, T *gx, T *gp) {                              \
+    if (gx) memcpy(gx, gy, (size_t)(B * D) * sizeof(T));                                   \
+    for (int64_t k = 0; k < n; k++) {                                                      \
+        const int64_t c = cols[k];                                                         \
+        _Pragma("omp simd")                                                                \
+        for (int64_t i = 0; i < B; i++) {                                                  \
+            const double g = gy[i * D + c], e = e_in[i * n + k], th = th_in[i * n + k];    \
+            const double g_x = g * e;                                                      \
+            if (gx) gx[i * D + c] = (T)g_x;                                                \
+            gp[(i * n + k) * 2] = (T)g;                                                    \
+            gp[(i * n + k) * 2 + 1] =                                                      \
+                (T)(((double)gl[i] + g_x * (double)x[i * D + c]) * (1.0 - th * th));       \
+        }                                                                                  \
+    }                                                                                      \
+}
+
+AFFINE_KERNELS(float, f32)
+AFFINE_KERNELS(double, f64)
+
+/* x (B, D), p (B, n, 2), cols (n,) -> y (B, D), ladj (B,), e and th (B, n). */
+void nfx_affine_coupling_forward(int is_double, int64_t B, int64_t D, int64_t n,
+                                 const void *x, const void *p, const int64_t *cols,
+                                 double bound, void *y, void *ladj, void *e, void *th) {
+    if (is_double)
+        forward_f64(B, D, n, x, p, cols, bound, y, ladj, e, th);
+    else
+        forward_f32(B, D, n, x, p, cols, bound, y, ladj, e, th);
+}
+
+/* gy (B, D), gl (B,), x (B, D), cols (n,), e and th (B, n) -> gx (B, D) (skipped when
+ * null), gp (B, n, 2). */
+void nfx_affine_coupling_backward(int is_double, int64_t B, int64_t D, int64_t n,
+                                  const void *gy, const void *gl, const void *x,
+                                  const int64_t *cols, const void *e, const void *th,
+                                  void *gx, void *gp) {
+    if (is_double)
+        backward_f64(B, D, n, gy, gl, x, cols, e, th, gx, gp);
+    else
+        backward_f32(B, D, n, gy, gl, x, cols, e, th, gx, gp);
+}

@@ -1,0 +1,60 @@
+"""The affine coupling step through the C kernel ``affine_kernel.c``, for CPU tensors.
+
+The forward and the closed-form backward of
+:class:`~normflux.transforms.bijections._AffineCoupling` as one C call each (built at
+first use, :mod:`~normflux.transforms.native`), in place of some twenty tensor ops whose
+fixed cost is most of a small coupling layer: on B4 of the speed suite (Real NVP, D = 2,
+16 layers, batch 512) the train step drops from about 9.0 to 8.2 ms. Arithmetic in
+double whatever the storage type, one rounding on store.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .._tracing import is_compiling
+from . import native
+
+__all__ = ["usable", "forward", "backward"]
+
+
+def usable(x: Tensor) -> bool:
+    """Whether the kernel takes ``x``: built, a float32 or float64 CPU tensor, and not
+    traced by ``torch.compile`` (inductor compiles the tensor ops instead)."""
+    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and not is_compiling() and native.available())
+
+
+def forward(x: Tensor, params: Tensor, columns: Tensor, bound: float
+            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(y (B, D), ladj (B,), e (B, n), th (B, n))`` for ``x (B, D)``, ``params (B, n, 2)``
+    of ``x``'s dtype and the ``(n,)`` int64 ``columns`` (call only when :func:`usable`);
+    ``e = exp(s)`` and ``th = tanh(r / bound)`` are what :func:`backward` reads."""
+    x, params, columns = x.contiguous(), params.contiguous(), columns.contiguous()
+    B, D = x.shape
+    n = columns.numel()
+    y = torch.empty_like(x)
+    ladj, e, th = x.new_empty(B), x.new_empty(B, n), x.new_empty(B, n)
+    native.library().nfx_affine_coupling_forward(
+        x.dtype == torch.float64, B, D, n, x.data_ptr(), params.data_ptr(), columns.data_ptr(),
+        bound, y.data_ptr(), ladj.data_ptr(), e.data_ptr(), th.data_ptr())
+    return y, ladj, e, th
+
+
+def backward(gy: Tensor, gl: Tensor, x: Tensor, columns: Tensor, e: Tensor, th: Tensor,
+             input_grad: bool) -> tuple[Tensor | None, Tensor]:
+    """``(gx (B, D) or None, gparams (B, n, 2))``: the VJP of :func:`forward` with the
+    gradients ``gy (B, D)`` of ``y`` and ``gl (B,)`` of ``ladj``; ``gx`` only when
+    ``input_grad``."""
+    gy, gl, x = gy.contiguous(), gl.contiguous(), x.contiguous()
+    columns, e, th = columns.contiguous(), e.contiguous(), th.contiguous()
+    B, D = x.shape
+    n = columns.numel()
+    gx = torch.empty_like(x) if input_grad else None
+    gp = x.new_empty(B, n, 2)
+    native.library().nfx_affine_coupling_backward(
+        x.dtype == torch.float64, B, D, n, gy.data_ptr(), gl.data_ptr(), x.data_ptr(),
+        columns.data_ptr(), e.data_ptr(), th.data_ptr(),
+        None if gx is None else gx.data_ptr(), gp.data_ptr())
+    return gx, gp
