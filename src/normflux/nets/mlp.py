@@ -145,6 +145,10 @@ class MLP(nn.Module):
                 h = act(F.linear(h, w, b))
         return _linear_t(h, *layers[-1]) if transposed else F.linear(h, *layers[-1])
 
+    def extra_repr(self) -> str:
+        widths = " -> ".join(str(w) for w in [self._shapes[0][1]] + [a for a, _ in self._shapes])
+        return f"{widths}{', residual' if self.residual else ''}, packed={self.packed.numel()}"
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # a state dict of the former layout (one nn.Linear per layer): pack it
         old = [prefix + k for k in self._legacy_keys]
