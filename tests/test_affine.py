@@ -175,8 +175,8 @@ def test_fused_coupling_matches_the_split_path(coupling_backend, mask, features,
 
 
 def test_fused_coupling_second_order_and_batched(coupling_backend):
-    """Second derivatives (``create_graph``) and batched VJPs differentiate the reference;
-    the input may be a strided view, and data without gradient gets none."""
+    """Second derivatives (``create_graph``) and batched VJPs of the closed form; the
+    input may be a strided view, and data without gradient gets none."""
     g = torch.Generator().manual_seed(5)
     wide = torch.randn(6, 10, generator=g, dtype=torch.float64)
     x = wide[:, ::2].requires_grad_()  # (6, 5), not contiguous
@@ -188,15 +188,38 @@ def test_fused_coupling_second_order_and_batched(coupling_backend):
 
     assert torch.autograd.gradcheck(f, (x, params))
     assert torch.autograd.gradgradcheck(f, (x, params))
-    y, ladj = f(x, params)
-    yr, lr = _affine_coupling(x, params, cols, 1.5)
+    # the coupling's outputs alone (the log-scales unused: no gradient reaches them)
+    assert torch.autograd.gradgradcheck(lambda x, p: f(x, p)[:2], (x, params))
+    y, ladj, s = f(x, params)
+    yr, lr, sr = _affine_coupling(x, params, cols, 1.5)
     assert (y - yr).abs().max() < 1e-13 and (ladj - lr).abs().max() < 1e-13
+    assert (s - sr).abs().max() < 1e-13
     v = torch.randn(4, 6, 5, dtype=torch.float64)
     (J,) = torch.autograd.grad(y, params, v, is_grads_batched=True)
     (Jr,) = torch.autograd.grad(yr, params, v, is_grads_batched=True)
     assert (J - Jr).abs().max() < 1e-13
     # the first layer of a flow: the data needs no gradient
-    y, ladj = f(x.detach(), params)
+    y, ladj, _ = f(x.detach(), params)
+    yr, lr, _ = _affine_coupling(x.detach(), params, cols, 1.5)
     (gp,) = torch.autograd.grad((y.sum() + ladj.sum()), (params,))
-    assert torch.isfinite(gp).all()
+    (gr,) = torch.autograd.grad((yr.sum() + lr.sum()), (params,))
+    assert (gp - gr).abs().max() < 1e-13
     assert _AffineCoupling.apply(x[:0], params[:0], cols, 1.5)[0].shape == (0, 5)
+
+
+def test_fused_coupling_keeps_no_more_than_the_split_path():
+    """What the one-node step keeps for the backward: ``x`` (whose storage the
+    conditioner's input view keeps anyway) and one log-scale per transformed element."""
+    torch.manual_seed(0)
+    layer = nf.Coupling(nf.Affine(), features=5, hidden_features=(8, 8))  # 2 transformed
+    x = torch.randn(50, 5, requires_grad=True)
+    kept = []
+
+    def pack(t):
+        kept.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y, ladj = layer(x)
+    assert sum(t.shape == (50, 2) for t in kept) == 1  # s
+    assert not any(t.shape in ((50, 2, 2), (50, 4)) for t in kept)  # nor the parameters

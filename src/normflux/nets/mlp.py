@@ -205,11 +205,17 @@ class _ReluMLP(torch.autograd.Function):
         for j in range(len(layers) - 1, -1, -1):
             torch.mm(g.t(), hs[j], out=g_layers[j][0])
             torch.sum(g, 0, out=g_layers[j][1])
-            if j:  # the gradient of the layer's input, through the ReLU that made it
-                g = torch.ops.aten.threshold_backward(g.mm(layers[j][0]), hs[j], 0)
+            if j:  # the gradient of the layer's input, through the ReLU that made it, in
+                # place: the node keeps its saved activations until it returns, so every
+                # extra buffer here would add to the step's peak memory
+                g = g.mm(layers[j][0])
+                _threshold_backward_(g, hs[j], 0, grad_input=g)
             elif ctx.needs_input_grad[0]:
                 g_x = g.mm(layers[0][0])
         return g_x, g_packed, None, None
+
+
+_threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
 
 
 def check_net_input(owner: str, x: Tensor, in_features: int, context: Tensor | None,

@@ -5,16 +5,17 @@
  * For rows i < B of x (B, D) and the transformed columns c_k = cols[k], k < n, with the
  * parameters p[i, k] = (t, r) of a (B, n, 2) tensor and the log-scale bound b:
  *
- *   th = tanh(r / b),  s = b th,  e = exp(s)
+ *   s = b tanh(r / b),  e = exp(s)
  *   y[i, c_k] = x[i, c_k] e + t,   y[i, c] = x[i, c] for the other columns,
  *   ladj[i] = sum_k s
  *
- * and the VJP with the gradients gy (B, D) of y and gl (B,) of ladj:
+ * and the VJP with the gradients gy (B, D) of y, gl (B,) of ladj and gs (B, n) of s (an
+ * output too; none when unused):
  *
  *   gx[i, c_k] = gy[i, c_k] e,   gx[i, c] = gy[i, c] for the other columns,
- *   gp[i, k] = (gy[i, c_k],  (gl[i] + gy[i, c_k] e x[i, c_k]) (1 - th^2)).
+ *   gp[i, k] = (gy[i, c_k],  (gl[i] + gs[i, k] + gy[i, c_k] e x[i, c_k]) (1 - (s / b)^2)).
  *
- * The forward returns e and th ((B, n) each), which the backward reads. All
+ * The forward returns s (B, n), the one value per element the backward reads. All
  * arithmetic in double whatever the storage type (one rounding on store); the same
  * formulas as the tensor ops of bijections.py. Every tensor is contiguous (the caller,
  * native_affine.py, makes it so). tanh and exp through glibc's vector math library where
@@ -36,8 +37,7 @@ double tanh(double);
 
 #define AFFINE_KERNELS(T, SUFFIX)                                                          \
 static void forward_##SUFFIX(int64_t B, int64_t D, int64_t n, const T *x, const T *p,      \
-                             const int64_t *cols, double bound, T *y, T *ladj, T *e_out,    \
-                             T *th_out) {                                                   \
+                             const int64_t *cols, double bound, T *y, T *ladj, T *s_out) {  \
     memcpy(y, x, (size_t)(B * D) * sizeof(T));                                             \
     for (int64_t i0 = 0; i0 < B; i0 += AFFINE_TILE) {                                      \
         const int64_t m = B - i0 < AFFINE_TILE ? B - i0 : AFFINE_TILE;                     \
@@ -49,10 +49,9 @@ static void forward_##SUFFIX(int64_t B, int64_t D, int64_t n, const T *x, const 
             for (int64_t j = 0; j < m; j++) {                                              \
                 const int64_t i = i0 + j;                                                  \
                 const double t = p[(i * n + k) * 2], r = p[(i * n + k) * 2 + 1];           \
-                const double th = tanh(r / bound), s = bound * th, e = exp(s);             \
-                y[i * D + c] = (T)(x[i * D + c] * e + t);                                  \
-                e_out[i * n + k] = (T)e;                                                   \
-                th_out[i * n + k] = (T)th;                                                 \
+                const double s = bound * tanh(r / bound);                                  \
+                y[i * D + c] = (T)(x[i * D + c] * exp(s) + t);                             \
+                s_out[i * n + k] = (T)s;                                                   \
                 acc[j] += s;                                                               \
             }                                                                              \
         }                                                                                  \
@@ -61,19 +60,20 @@ static void forward_##SUFFIX(int64_t B, int64_t D, int64_t n, const T *x, const 
 }                                                                                          \
                                                                                            \
 static void backward_##SUFFIX(int64_t B, int64_t D, int64_t n, const T *gy, const T *gl,   \
-                              const T *x, const int64_t *cols, const T *e_in,              \
-                              const T *th_in, T *gx, T *gp) {                              \
+                              const T *gs, const T *x, const int64_t *cols, const T *s_in, \
+                              double bound, T *gx, T *gp) {                                \
     if (gx) memcpy(gx, gy, (size_t)(B * D) * sizeof(T));                                   \
     for (int64_t k = 0; k < n; k++) {                                                      \
         const int64_t c = cols[k];                                                         \
         _Pragma("omp simd")                                                                \
         for (int64_t i = 0; i < B; i++) {                                                  \
-            const double g = gy[i * D + c], e = e_in[i * n + k], th = th_in[i * n + k];    \
-            const double g_x = g * e;                                                      \
+            const double g = gy[i * D + c], s = s_in[i * n + k], th = s / bound;           \
+            const double g_x = g * exp(s);                                                 \
+            const double g_s = (double)gl[i] + (gs ? (double)gs[i * n + k] : 0.0);         \
             if (gx) gx[i * D + c] = (T)g_x;                                                \
             gp[(i * n + k) * 2] = (T)g;                                                    \
             gp[(i * n + k) * 2 + 1] =                                                      \
-                (T)(((double)gl[i] + g_x * (double)x[i * D + c]) * (1.0 - th * th));       \
+                (T)((g_s + g_x * (double)x[i * D + c]) * (1.0 - th * th));                 \
         }                                                                                  \
     }                                                                                      \
 }
@@ -81,24 +81,24 @@ static void backward_##SUFFIX(int64_t B, int64_t D, int64_t n, const T *gy, cons
 AFFINE_KERNELS(float, f32)
 AFFINE_KERNELS(double, f64)
 
-/* x (B, D), p (B, n, 2), cols (n,) -> y (B, D), ladj (B,), e and th (B, n). */
+/* x (B, D), p (B, n, 2), cols (n,) -> y (B, D), ladj (B,), s (B, n). */
 void nfx_affine_coupling_forward(int is_double, int64_t B, int64_t D, int64_t n,
                                  const void *x, const void *p, const int64_t *cols,
-                                 double bound, void *y, void *ladj, void *e, void *th) {
+                                 double bound, void *y, void *ladj, void *s) {
     if (is_double)
-        forward_f64(B, D, n, x, p, cols, bound, y, ladj, e, th);
+        forward_f64(B, D, n, x, p, cols, bound, y, ladj, s);
     else
-        forward_f32(B, D, n, x, p, cols, bound, y, ladj, e, th);
+        forward_f32(B, D, n, x, p, cols, bound, y, ladj, s);
 }
 
-/* gy (B, D), gl (B,), x (B, D), cols (n,), e and th (B, n) -> gx (B, D) (skipped when
- * null), gp (B, n, 2). */
+/* gy (B, D), gl (B,), gs (B, n) or null, x (B, D), cols (n,), s (B, n) -> gx (B, D)
+ * (skipped when null), gp (B, n, 2). */
 void nfx_affine_coupling_backward(int is_double, int64_t B, int64_t D, int64_t n,
-                                  const void *gy, const void *gl, const void *x,
-                                  const int64_t *cols, const void *e, const void *th,
-                                  void *gx, void *gp) {
+                                  const void *gy, const void *gl, const void *gs,
+                                  const void *x, const int64_t *cols, const void *s,
+                                  double bound, void *gx, void *gp) {
     if (is_double)
-        backward_f64(B, D, n, gy, gl, x, cols, e, th, gx, gp);
+        backward_f64(B, D, n, gy, gl, gs, x, cols, s, bound, gx, gp);
     else
-        backward_f32(B, D, n, gy, gl, x, cols, e, th, gx, gp);
+        backward_f32(B, D, n, gy, gl, gs, x, cols, s, bound, gx, gp);
 }

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from .._checks import integer, real
 from .._tracing import is_compiling
 from . import native_affine
-from ._first_order import reference_backward, reference_grads, use_reference
+from ._first_order import reference_backward, use_reference
 from .domains import DomainSpec
 from .fused_spline import fused_rq_spline
 from .splines import check_floors, rational_quadratic_spline, spline_knots
@@ -137,7 +137,7 @@ class Affine(Bijection):
         if use_reference():
             return None
         bound = self.log_scale_bound
-        return lambda x, params, columns: _AffineCoupling.apply(x, params, columns, bound)
+        return lambda x, params, columns: _AffineCoupling.apply(x, params, columns, bound)[:2]
 
     def extra_repr(self) -> str:
         return f"log_scale_bound={self.log_scale_bound}"
@@ -209,60 +209,60 @@ def _affine_params_grad(gy: Tensor, gs: Tensor, g_x: Tensor, x: Tensor, th: Tens
 
 
 def _affine_coupling(x: Tensor, params: Tensor, columns: Tensor, bound: float
-                     ) -> tuple[Tensor, Tensor]:
-    """The forward of an affine coupling layer with plain differentiable ops (the
-    reference of :class:`_AffineCoupling`): ``columns`` of ``x`` mapped by
-    :func:`_affine`, ``ladj`` summed over them."""
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward of an affine coupling layer with plain differentiable ops:
+    ``(y, ladj, s)``, the ``columns`` of ``x`` mapped by :func:`_affine`, their log-scales
+    ``s`` and ``ladj`` summed over them (the tensor-op path of :class:`_AffineCoupling`)."""
     y_b, s = _affine(x.index_select(1, columns), params[..., 0], params[..., 1], bound)
-    return x.index_copy(1, columns, y_b), s.sum(1)
+    return x.index_copy(1, columns, y_b), s.sum(1), s
 
 
 class _AffineCoupling(torch.autograd.Function):
     """An affine coupling layer's forward in one node: ``(x (batch, D), params (batch, n,
-    2), columns (n,), bound) -> (y (batch, D), ladj (batch,))``, the map of
+    2), columns (n,), bound) -> (y (batch, D), ladj (batch,), s (batch, n))``, the map of
     :func:`_affine_coupling` with a closed-form backward.
 
     One node in place of five (the split of the columns, the affine map, the merge, the
     sum of ``ladj`` and a view), whose fixed cost dominates small layers; on CPU tensors
     both passes are one call of a C kernel each (:mod:`~normflux.transforms.native_affine`,
     computing in double), elsewhere (and under ``torch.compile``) the tensor ops of
-    :func:`_affine_coupling`. Keeps ``x``, ``exp(s)`` and ``tanh(r / bound)``; a backward
-    with ``create_graph=True`` or batched differentiates the reference
-    (:func:`reference_grads`)."""
+    :func:`_affine_coupling`. Keeps only the log-scales ``s`` beside ``x`` (which the
+    conditioner's input, a view of it, keeps alive anyway), as the split path does. ``s``
+    is an output so that, as in :class:`_BoundedAffine`, a backward with
+    ``create_graph=True`` or batched is the closed form in differentiable ops on ``x`` and
+    ``s``, exact to every order."""
 
     @staticmethod
     def forward(ctx, x, params, columns, bound):
+        ctx.set_materialize_grads(False)
         if native_affine.usable(x):
-            y, ladj, e, th = native_affine.forward(x, params, columns, bound)
+            y, ladj, s = native_affine.forward(x, params, columns, bound)
         else:
-            t, r = params.unbind(-1)
-            th = torch.tanh(r / bound)
-            s = bound * th
-            e = torch.exp(s)
-            y = x.index_copy(1, columns, x.index_select(1, columns) * e + t)
-            ladj = s.sum(1)
+            y, ladj, s = _affine_coupling(x, params, columns, bound)
         if not ctx.needs_input_grad[1]:
-            ctx.mark_non_differentiable(ladj)  # ladj depends on the parameters only
-        ctx.save_for_backward(x, params, columns, e, th)
+            ctx.mark_non_differentiable(ladj, s)  # they depend on the parameters only
+        ctx.save_for_backward(x, columns, s)
         ctx.bound = bound
-        return y, ladj
+        return y, ladj, s
 
     @staticmethod
-    def backward(ctx, gy, gl):
-        x, params, columns, e, th = ctx.saved_tensors
-        if reference_backward(gy, gl):
-            g_x, g_p = reference_grads(
-                lambda x, params: _affine_coupling(x, params, columns, ctx.bound),
-                (x, params), (gy, gl))
-            return g_x, g_p, None, None
-        if native_affine.usable(x):
-            g_x, g_p = native_affine.backward(gy, gl, x, columns, e, th, ctx.needs_input_grad[0])
+    def backward(ctx, gy, gl, gs):
+        x, columns, s = ctx.saved_tensors
+        if gy is None:
+            gy = torch.zeros_like(x)
+        if gl is None:
+            gl = x.new_zeros(x.shape[0])
+        out_of_place = reference_backward(gy, gl, gs) or is_compiling()
+        if not out_of_place and native_affine.usable(x):
+            g_x, g_p = native_affine.backward(gy, gl, gs, x, columns, s, ctx.bound,
+                                              ctx.needs_input_grad[0])
             return g_x, g_p, None, None
         gy_b = gy.index_select(1, columns)
-        g_xb = gy_b * e
+        g_xb = gy_b * torch.exp(s)
         g_x = gy.index_copy(1, columns, g_xb) if ctx.needs_input_grad[0] else None
-        g_p = _affine_params_grad(gy_b, gl[:, None], g_xb, x.index_select(1, columns), th,
-                                  is_compiling())
+        g_s = gl[:, None] if gs is None else gl[:, None] + gs
+        g_p = _affine_params_grad(gy_b, g_s, g_xb, x.index_select(1, columns), s / ctx.bound,
+                                  out_of_place)
         return g_x, g_p, None, None
 
 

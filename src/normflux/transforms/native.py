@@ -183,7 +183,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     for fn in (lib.nfx_rq_forward, lib.nfx_rq_backward):
         fn.argtypes = [i, i, d, d, d, i, p]
         fn.restype = i
-    lib.nfx_affine_coupling_forward.argtypes = [i, i64, i64, i64, p, p, p, d, p, p, p, p]
-    lib.nfx_affine_coupling_backward.argtypes = [i, i64, i64, i64, p, p, p, p, p, p, p, p]
+    lib.nfx_affine_coupling_forward.argtypes = [i, i64, i64, i64, p, p, p, d, p, p, p]
+    lib.nfx_affine_coupling_backward.argtypes = [i, i64, i64, i64, p, p, p, p, p, p, d, p, p]
     for fn in (lib.nfx_affine_coupling_forward, lib.nfx_affine_coupling_backward):
         fn.restype = None

@@ -27,34 +27,35 @@ def usable(x: Tensor) -> bool:
 
 
 def forward(x: Tensor, params: Tensor, columns: Tensor, bound: float
-            ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(y (B, D), ladj (B,), e (B, n), th (B, n))`` for ``x (B, D)``, ``params (B, n, 2)``
-    of ``x``'s dtype and the ``(n,)`` int64 ``columns`` (call only when :func:`usable`);
-    ``e = exp(s)`` and ``th = tanh(r / bound)`` are what :func:`backward` reads."""
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y (B, D), ladj (B,), s (B, n))`` for ``x (B, D)``, ``params (B, n, 2)`` of
+    ``x``'s dtype and the ``(n,)`` int64 ``columns`` (call only when :func:`usable`); the
+    log-scales ``s`` are what :func:`backward` reads."""
     x, params, columns = x.contiguous(), params.contiguous(), columns.contiguous()
     B, D = x.shape
     n = columns.numel()
     y = torch.empty_like(x)
-    ladj, e, th = x.new_empty(B), x.new_empty(B, n), x.new_empty(B, n)
+    ladj, s = x.new_empty(B), x.new_empty(B, n)
     native.library().nfx_affine_coupling_forward(
         x.dtype == torch.float64, B, D, n, x.data_ptr(), params.data_ptr(), columns.data_ptr(),
-        bound, y.data_ptr(), ladj.data_ptr(), e.data_ptr(), th.data_ptr())
-    return y, ladj, e, th
+        bound, y.data_ptr(), ladj.data_ptr(), s.data_ptr())
+    return y, ladj, s
 
 
-def backward(gy: Tensor, gl: Tensor, x: Tensor, columns: Tensor, e: Tensor, th: Tensor,
-             input_grad: bool) -> tuple[Tensor | None, Tensor]:
+def backward(gy: Tensor, gl: Tensor, gs: Tensor | None, x: Tensor, columns: Tensor, s: Tensor,
+             bound: float, input_grad: bool) -> tuple[Tensor | None, Tensor]:
     """``(gx (B, D) or None, gparams (B, n, 2))``: the VJP of :func:`forward` with the
-    gradients ``gy (B, D)`` of ``y`` and ``gl (B,)`` of ``ladj``; ``gx`` only when
-    ``input_grad``."""
+    gradients ``gy (B, D)`` of ``y``, ``gl (B,)`` of ``ladj`` and ``gs (B, n)`` of ``s``
+    (``None``: zero); ``gx`` only when ``input_grad``."""
     gy, gl, x = gy.contiguous(), gl.contiguous(), x.contiguous()
-    columns, e, th = columns.contiguous(), e.contiguous(), th.contiguous()
+    columns, s = columns.contiguous(), s.contiguous()
+    gs = None if gs is None else gs.contiguous()
     B, D = x.shape
     n = columns.numel()
     gx = torch.empty_like(x) if input_grad else None
     gp = x.new_empty(B, n, 2)
     native.library().nfx_affine_coupling_backward(
-        x.dtype == torch.float64, B, D, n, gy.data_ptr(), gl.data_ptr(), x.data_ptr(),
-        columns.data_ptr(), e.data_ptr(), th.data_ptr(),
-        None if gx is None else gx.data_ptr(), gp.data_ptr())
+        x.dtype == torch.float64, B, D, n, gy.data_ptr(), gl.data_ptr(),
+        None if gs is None else gs.data_ptr(), x.data_ptr(), columns.data_ptr(), s.data_ptr(),
+        bound, None if gx is None else gx.data_ptr(), gp.data_ptr())
     return gx, gp
