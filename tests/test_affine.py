@@ -127,7 +127,7 @@ def coupling_backend(request, monkeypatch):
         if not native.available():
             pytest.skip("no C kernel (no compiler)")
     else:
-        monkeypatch.setattr(native_affine, "usable", lambda x: False)
+        monkeypatch.setattr(native_affine, "usable", lambda *tensors: False)
     return request.param
 
 
@@ -223,3 +223,18 @@ def test_fused_coupling_keeps_no_more_than_the_split_path():
         y, ladj = layer(x)
     assert sum(t.shape == (50, 2) for t in kept) == 1  # s
     assert not any(t.shape in ((50, 2, 2), (50, 4)) for t in kept)  # nor the parameters
+
+
+def test_fused_coupling_under_autocast_matches_the_split_path():
+    """CPU autocast hands the coupling bfloat16 parameters beside a float32 input: the one
+    node takes its tensor ops (the kernel needs one dtype) and agrees with the split path."""
+    torch.manual_seed(0)
+    layer = nf.Coupling(nf.Affine(), features=4, hidden_features=(16, 16))
+    x = torch.randn(5000, 4)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        _, ladj0 = layer(x)  # zero-initialised: the identity
+        assert not ladj0.any()
+        layer.conditioner.packed.normal_(0, 0.5)
+        y, ladj = layer(x)
+        y_split, ladj_split = _split_path(layer, x)
+    assert torch.equal(y, y_split) and torch.equal(ladj, ladj_split)

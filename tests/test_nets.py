@@ -134,3 +134,46 @@ def test_relu_mlp_node_matches_autograd_to_second_order(transposed):
     (Jr,) = torch.autograd.grad(mlp._layers(torch.cat([x, c], -1), mlp.packed, transposed),
                                 x, v, is_grads_batched=True)
     assert (J - Jr).abs().max() < 1e-13
+
+
+def test_relu_mlp_node_steps_aside_where_it_would_differ():
+    """The one-node path only computes what the layers would: a replaced activation, a hook
+    on one and autocast (bfloat16 activations beside float32 parameters) take the layers,
+    with and without gradients alike; an input of another dtype is named."""
+    torch.manual_seed(4)
+    x = torch.randn(6, 3)
+    mlp = MLP(3, 2, (8, 8), zero_init=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mlp(x)
+        ref = mlp._layers(x, mlp.packed, False)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    (g,) = torch.autograd.grad(out.float().sum(), mlp.packed)
+    (g_ref,) = torch.autograd.grad(ref.float().sum(), mlp.packed)
+    assert torch.equal(g, g_ref)
+    calls = []
+    mlp.acts[1].register_forward_hook(lambda *a: calls.append(1))
+    mlp(x)
+    assert calls == [1]
+    mlp.acts[0] = torch.nn.Tanh()
+    with torch.no_grad():
+        a = mlp(x)
+    assert torch.equal(a, mlp(x))
+    with pytest.raises(ValueError, match="MLP has torch.float32 parameters but its input is "
+                       "torch.float64"):
+        MLP(3, 2, (8, 8))(x.double())
+
+
+def test_old_layout_with_other_shapes_names_the_parameter():
+    """A state dict of the former layout is checked layer by layer: the same total size in
+    other shapes does not load silently, and the error names the key and both shapes."""
+    torch.manual_seed(0)
+    lins = _linear_stack(3, (6, 3), 2, False)
+    old = {f"{n}.{k}": v for n, lin in zip(["body.0", "body.2", "head"], lins)
+           for k, v in lin.state_dict().items()}
+    mlp = MLP(3, 2, (4, 5))  # 53 numbers, as (6, 3)
+    assert mlp.packed.numel() == sum(v.numel() for v in old.values())
+    with pytest.raises(RuntimeError, match=r"size mismatch for body.0.weight: copying a param "
+                       r"with shape \(6, 3\) from checkpoint, the shape in current model is "
+                       r"\(4, 3\)") as err:
+        mlp.load_state_dict(old)
+    assert "Missing key" not in str(err.value)

@@ -102,8 +102,6 @@ class MLP(nn.Module):
                                               for p in (lin.weight, lin.bias)]))
         n_act = len(hidden_features) if not residual else 2 * len(hidden_features) - 1
         self.acts = nn.ModuleList(activation() for _ in range(n_act))
-        # ReLU layers without residual blocks run as one node (:class:`_ReluMLP`)
-        self._relu = activation is nn.ReLU and not residual
 
     def linear_parameters(self) -> list[tuple[Tensor, Tensor]]:
         """``[(weight (out, in), bias (out,)), ...]`` of the linear layers, input to output
@@ -117,18 +115,30 @@ class MLP(nn.Module):
         Raises:
             ValueError: an input without ``in_features`` columns; a context for an
                 unconditional MLP, none for a conditional one, or one without
-                ``context_features`` columns.
+                ``context_features`` columns; an input (with its context) not of the
+                parameters' dtype.
         """
         check_net_input("MLP", x, self.in_features, context, self.context_features)
         if context is not None:
             if context.shape[0] != x.shape[0]:
                 context = context.expand(x.shape[0], -1)
             x = torch.cat([x, context], dim=-1) if self.in_features else context
+        if x.dtype != self.packed.dtype:
+            raise ValueError(f"MLP has {self.packed.dtype} parameters but its input is {x.dtype}; "
+                             f"convert one of them (x.to({self.packed.dtype}) or the network's "
+                             f".to({x.dtype}))")
         transposed = use_transposed_output(self) and x.dim() == 2
-        if (self._relu and x.dim() == 2 and torch.is_grad_enabled() and not is_compiling()
-                and not use_reference()):
+        if (x.dim() == 2 and torch.is_grad_enabled() and not is_compiling() and not use_reference() and self._plain_relu()
+                and not _autocast(x)):
             return _ReluMLP.apply(x, self.packed, self, transposed)
         return self._layers(x, self.packed, transposed)
+
+    def _plain_relu(self) -> bool:
+        """Whether :class:`_ReluMLP` computes this network: no residual blocks, and every
+        activation a plain ``nn.ReLU`` without hooks (it may have been replaced)."""
+        return not self.residual and all(
+            type(a) is nn.ReLU and not (a._forward_hooks or a._forward_pre_hooks)
+            for a in self.acts)
 
     def _layers(self, x: Tensor, packed: Tensor, transposed: bool) -> Tensor:
         """The network on ``(..., in + C)`` inputs, with plain differentiable ops on the
@@ -149,12 +159,35 @@ class MLP(nn.Module):
         widths = " -> ".join(str(w) for w in [self._shapes[0][1]] + [a for a, _ in self._shapes])
         return f"{widths}{', residual' if self.residual else ''}, packed={self.packed.numel()}"
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a state dict of the former layout (one nn.Linear per layer): pack it
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # a state dict of the former layout (one nn.Linear per layer): pack it, after the
+        # shape check each of those parameters had
         old = [prefix + k for k in self._legacy_keys]
-        if prefix + "packed" not in state_dict and all(k in state_dict for k in old):
-            state_dict[prefix + "packed"] = torch.cat([state_dict.pop(k).reshape(-1) for k in old])
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        packed_key = prefix + "packed"
+        legacy = packed_key not in state_dict and all(k in state_dict for k in old)
+        if legacy:
+            tensors = [state_dict.pop(k) for k in old]
+            shapes = [shape for w, b in self._shapes for shape in ((w, b), (w,))]
+            bad = [(k, tuple(t.shape), shape) for k, t, shape in zip(old, tensors, shapes)
+                   if tuple(t.shape) != shape]
+            for k, got, want in bad:
+                error_msgs.append(f"size mismatch for {k}: copying a param with shape "
+                                  f"{got} from checkpoint, the shape in current model is {want}.")
+            if not bad:
+                state_dict[packed_key] = torch.cat([t.reshape(-1) for t in tensors])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if legacy and packed_key in missing_keys:  # reported as the size mismatches
+            missing_keys.remove(packed_key)
+
+
+def _autocast(x: Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (it hands the layers other dtypes)."""
+    try:
+        return torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def _unpack(packed: Tensor, sizes: list[int], shapes: list[tuple[int, int]]

@@ -235,7 +235,7 @@ class _AffineCoupling(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, params, columns, bound):
         ctx.set_materialize_grads(False)
-        if native_affine.usable(x):
+        if native_affine.usable(x, params):
             y, ladj, s = native_affine.forward(x, params, columns, bound)
         else:
             y, ladj, s = _affine_coupling(x, params, columns, bound)
@@ -253,7 +253,7 @@ class _AffineCoupling(torch.autograd.Function):
         if gl is None:
             gl = x.new_zeros(x.shape[0])
         out_of_place = reference_backward(gy, gl, gs) or is_compiling()
-        if not out_of_place and native_affine.usable(x):
+        if not out_of_place and native_affine.usable(x, s, gy, gl, gs):
             g_x, g_p = native_affine.backward(gy, gl, gs, x, columns, s, ctx.bound,
                                               ctx.needs_input_grad[0])
             return g_x, g_p, None, None

@@ -106,7 +106,11 @@ def _load() -> ctypes.CDLL | None:
     if os.environ.get("NORMFLUX_NATIVE", "1") == "0" or not sys.platform.startswith(("linux", "darwin")):
         return None
     if os.environ.get("CC"):  # the user's compiler, with its arguments ("ccache gcc")
-        cc = shlex.split(os.environ["CC"])
+        try:
+            cc = shlex.split(os.environ["CC"])
+        except ValueError as e:  # unbalanced quotes, say
+            _warn(f"CC={os.environ['CC']!r} cannot be split into a command: {e}")
+            return None
     else:
         found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
         cc = [found] if found else []

@@ -19,10 +19,13 @@ from . import native
 __all__ = ["usable", "forward", "backward"]
 
 
-def usable(x: Tensor) -> bool:
-    """Whether the kernel takes ``x``: built, a float32 or float64 CPU tensor, and not
-    traced by ``torch.compile`` (inductor compiles the tensor ops instead)."""
+def usable(x: Tensor, *others: Tensor | None) -> bool:
+    """Whether the kernel takes ``x`` and the ``others`` (``None`` entries skipped): a
+    float32 or float64 CPU tensor, all of one dtype (autocast hands the parameters over
+    in another one), the kernel built, and not traced by ``torch.compile`` (inductor
+    compiles the tensor ops instead)."""
     return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and all(t is None or (t.dtype == x.dtype and t.device == x.device) for t in others)
             and not is_compiling() and native.available())
 
 
