@@ -128,8 +128,8 @@ class MLP(nn.Module):
                              f"convert one of them (x.to({self.packed.dtype}) or the network's "
                              f".to({x.dtype}))")
         transposed = use_transposed_output(self) and x.dim() == 2
-        if (x.dim() == 2 and torch.is_grad_enabled() and not is_compiling() and not use_reference() and self._plain_relu()
-                and not _autocast(x)):
+        if (x.dim() == 2 and torch.is_grad_enabled() and not is_compiling()
+                and not use_reference() and self._plain_relu() and not _autocast(x)):
             return _ReluMLP.apply(x, self.packed, self, transposed)
         return self._layers(x, self.packed, transposed)
 
