@@ -176,8 +176,15 @@ def available() -> bool:
 
 
 def library() -> ctypes.CDLL:
-    """The loaded library (call only when :func:`available`)."""
-    assert _LIB is not None
+    """The loaded library.
+
+    Raises:
+        RuntimeError: it is not loaded (call :func:`available` first, which builds it).
+    """
+    if _LIB is None:
+        raise RuntimeError("normflux's C kernels are not loaded: call "
+                           "normflux.transforms.native.available() first (false without a "
+                           "compiler or with NORMFLUX_NATIVE=0)")
     return _LIB
 
 
