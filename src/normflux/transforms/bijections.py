@@ -227,7 +227,8 @@ class _AffineCoupling(torch.autograd.Function):
     both passes are one call of a C kernel each (:mod:`~normflux.transforms.native_affine`,
     computing in double), elsewhere (and under ``torch.compile``) the tensor ops of
     :func:`_affine_coupling`. Keeps only the log-scales ``s`` beside ``x`` (which the
-    conditioner's input, a view of it, keeps alive anyway), as the split path does. ``s``
+    conditioner's input, a view of it for block and alternating masks, keeps alive
+    anyway), as the split path does. ``s``
     is an output so that, as in :class:`_BoundedAffine`, a backward with
     ``create_graph=True`` or batched is the closed form in differentiable ops on ``x`` and
     ``s``, exact to every order."""
