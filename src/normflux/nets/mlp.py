@@ -28,7 +28,7 @@ class MLP(nn.Module):
     All weights and biases live in one parameter, :attr:`packed` (layer by layer from
     the input, each weight ``(out, in)`` row-major, then its bias), so that an optimizer
     step updates one tensor per network instead of two per layer: with PyTorch's default
-    (per-tensor) Adam on a CPU that is a sixth of the optimizer's cost for two hidden
+    (per-tensor) Adam on a CPU that is about a fifth of the optimizer's cost for two hidden
     layers (B4 of the speed suite, ``benchmarks/suite.py``: 2.3 ms -> 0.5 ms per step).
     :meth:`linear_parameters` gives each layer's ``(weight, bias)`` as views of it. The
     initial values are those of ``nn.Linear`` (drawn in the same order), and a state
