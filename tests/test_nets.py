@@ -109,14 +109,14 @@ def test_relu_mlp_node_matches_autograd_to_second_order(transposed):
     """The one-node ReLU MLP (eager, with gradients) against the same layers recorded op
     by op: values, first derivatives of input and parameters, gradgradcheck, batched
     VJPs."""
-    from normflux.nets.mlp import _ReluMLP
+    from normflux.nets.mlp import _ReluNet
     torch.manual_seed(2)
     mlp = MLP(3, 4, (6, 5), context_features=2, zero_init=False,
               transposed_output=transposed).double()
     x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
     c = torch.randn(7, 2, dtype=torch.float64)
     out = mlp(x, c)
-    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_ReluMLPBackward"
+    assert out.grad_fn is not None and type(out.grad_fn).__name__ == "_ReluNetBackward"
     ref = mlp._layers(torch.cat([x, c], -1), mlp.packed, transposed)
     assert torch.equal(out, ref)
     g = torch.randn_like(out)
@@ -125,9 +125,9 @@ def test_relu_mlp_node_matches_autograd_to_second_order(transposed):
     assert all((u - v).abs().max() < 1e-13 for u, v in zip(a, b))
     # the parameters alone (the input is data), and a second order
     xc = torch.cat([x, c], -1).detach()
-    assert torch.autograd.gradcheck(lambda p: _ReluMLP.apply(xc, p, mlp, transposed),
+    assert torch.autograd.gradcheck(lambda p: _ReluNet.apply(xc, mlp, transposed, None, p),
                                     (mlp.packed,))
-    assert torch.autograd.gradgradcheck(lambda x, p: _ReluMLP.apply(x, p, mlp, transposed),
+    assert torch.autograd.gradgradcheck(lambda x, p: _ReluNet.apply(x, mlp, transposed, None, p),
                                         (xc.requires_grad_(), mlp.packed))
     v = torch.randn(3, *out.shape, dtype=torch.float64)
     (J,) = torch.autograd.grad(mlp(x, c), x, v, is_grads_batched=True)
@@ -177,3 +177,80 @@ def test_old_layout_with_other_shapes_names_the_parameter():
                        r"\(4, 3\)") as err:
         mlp.load_state_dict(old)
     assert "Missing key" not in str(err.value)
+
+
+def _made_layers(made, x, context=None):
+    """A MADE's output through its modules, layer by layer (the path without the node)."""
+    from normflux.nets.mlp import _linear_t
+    h = made.hidden(x, context)
+    w = made.head.weight * made.head.mask
+    out = _linear_t(h, w, made.head.bias) if made.transposed_output else \
+        torch.nn.functional.linear(h, w, made.head.bias)
+    return out.view(x.shape[0], made.features, made.params_per_feature)
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("context", [None, "rows", "one"])
+def test_relu_made_node_matches_autograd_to_second_order(transposed, context):
+    """The one-node masked ReLU MADE (eager, with gradients) against its layers recorded
+    op by op: the same values, first derivatives of the input, every parameter and the
+    context (one per row, or one broadcast row), masked weight gradients, gradgradcheck
+    and batched VJPs."""
+    torch.manual_seed(3)
+    made = MADE(4, 3, (9, 7), context_features=None if context is None else 2,
+                zero_init=False, transposed_output=transposed).double()
+    with torch.no_grad():
+        for p in made.parameters():
+            p.normal_(0, 0.6)
+    x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    c = None if context is None else torch.randn(6 if context == "rows" else 1, 2,
+                                                 dtype=torch.float64, requires_grad=True)
+    out = made(x, c)
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_ReluNetBackward"
+    ref = _made_layers(made, x, c)
+    assert torch.equal(out, ref)
+    wrt = [x, *made.parameters()] + ([] if c is None else [c])
+    g = torch.randn_like(out)
+    a = torch.autograd.grad(out, wrt, g)
+    b = torch.autograd.grad(ref, wrt, g)
+    assert all((u - v).abs().max() < 1e-13 for u, v in zip(a, b))
+    for lin in (made.first, made.body[0], made.head):  # masked entries get no gradient
+        (gw,) = torch.autograd.grad(made(x, c).sum(), lin.weight)
+        assert gw[lin.mask == 0].abs().max() == 0 and gw[lin.mask == 1].abs().max() > 0
+    params = tuple(made.parameters())
+
+    def f(x, *p):
+        return torch.func.functional_call(made, dict(zip(dict(made.named_parameters()), p)),
+                                          (x, c))
+    assert torch.autograd.gradcheck(f, (x, *params))
+    assert torch.autograd.gradgradcheck(f, (x, *params))
+    v = torch.randn(3, *out.shape, dtype=torch.float64)
+    (J,) = torch.autograd.grad(made(x, c), x, v, is_grads_batched=True)
+    (Jr,) = torch.autograd.grad(_made_layers(made, x, c), x, v, is_grads_batched=True)
+    assert (J - Jr).abs().max() < 1e-13
+
+
+def test_relu_made_node_steps_aside_where_it_would_differ():
+    """Residual blocks, a replaced activation, a hook on a masked layer and autocast take
+    the layers; an input of another dtype than the parameters is named."""
+    torch.manual_seed(5)
+    x = torch.randn(5, 4, requires_grad=True)
+
+    def node(made):
+        return type(made(x).grad_fn.next_functions[0][0]).__name__ == "_ReluNetBackward"
+    made = MADE(4, 2, (8, 8), zero_init=False)
+    assert node(made)
+    assert not node(MADE(4, 2, (8, 8), residual=True))
+    calls = []
+    handle = made.body[0].register_forward_hook(lambda *a: calls.append(1))
+    assert not node(made) and calls == [1]
+    handle.remove()
+    made.body[1] = torch.nn.Tanh()
+    assert not node(made)
+    made = MADE(4, 2, (8, 8), zero_init=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = made(x), _made_layers(made, x)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    with pytest.raises(ValueError, match="MADE has torch.float32 parameters but its input "
+                       "is torch.float64"):
+        made(x.double())

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 
-from ._checks import context_width, integer
+from ._checks import all_finite, context_width, integer
 from .distributions.base import BaseDistribution
 from .transforms.base import Transform, is_compiling
 
@@ -85,7 +85,7 @@ class Flow(nn.Module):
         if x.dtype != self._dtype():
             raise ValueError(f"x has dtype {x.dtype} but the flow is {self._dtype()}; "
                              f"convert one of them (x.to({self._dtype()}) or flow.to({x.dtype}))")
-        if not is_compiling() and not bool(torch.isfinite(x).all()):
+        if not is_compiling() and not all_finite(x):
             bad = ~torch.isfinite(x.reshape(-1, math.prod(ev)))
             rows = bad.any(-1).nonzero().flatten()
             what = "NaN" if bool(torch.isnan(x).any()) else "Inf"
@@ -128,7 +128,7 @@ class Flow(nn.Module):
             raise ValueError(f"context batch shape {cb} does not match the input batch shape "
                              f"{batch}: they must be equal, or the context must have size 1 "
                              "where they differ")
-        if not is_compiling() and not bool(torch.isfinite(context).all()):
+        if not is_compiling() and not all_finite(context):
             what = "NaN" if bool(torch.isnan(context).any()) else "Inf"
             raise ValueError(f"context contains {what}")
         return context.expand(*batch, C).reshape(-1, C)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import context_width, integer
-from .mlp import _linear_t, check_net_input, use_transposed_output
+from .mlp import _autocast, _linear_t, _ReluNet, check_net_input, use_relu_node, use_transposed_output
 
 __all__ = ["MADE", "MaskedLinear", "autoregressive_order"]
 
@@ -87,6 +87,28 @@ class _MaskedResidualBlock(nn.Module):
 
     def forward(self, h: Tensor) -> Tensor:
         return self.act(h + self.l2(self.act(self.l1(h))))
+
+
+class _MaskedReluLayers:
+    """A MADE's masked layers as :class:`~normflux.nets.mlp._ReluNet` sees them: weights
+    ``W * M`` from the parameters ``(W_1, b_1, W_2, b_2, ...)``, and the gradients of
+    ``W`` masked in turn."""
+
+    __slots__ = ("masks",)
+
+    def __init__(self, masks: list[Tensor]):
+        self.masks = masks
+
+    def _relu_layers(self, params):
+        return [(w * m, b) for m, w, b in zip(self.masks, params[0::2], params[1::2])]
+
+    def _relu_grads(self, params):
+        grads = [torch.empty_like(p) for p in params]
+        return grads, list(zip(grads[0::2], grads[1::2]))
+
+    def _relu_finish(self, g_layers):
+        for m, (g_w, _) in zip(self.masks, g_layers):
+            g_w.mul_(m)
 
 
 def _refresh_caches(made: "MADE", incompatible_keys=None) -> None:
@@ -230,12 +252,38 @@ class MADE(nn.Module):
                 unconditional MADE, none for a conditional one, or one of the wrong width.
         """
         check_net_input("MADE", x, self.in_features, context, self.context_features)
+        if x.dtype != self.head.weight.dtype and not _autocast(x):
+            raise ValueError(f"MADE has {self.head.weight.dtype} parameters but its input is "
+                             f"{x.dtype}; convert one of them (x.to({self.head.weight.dtype}) "
+                             f"or the network's .to({x.dtype}))")
+        linears = self._plain_relu()
+        if linears and use_relu_node(x, ()):
+            extra = None
+            if self.context_layer is not None and context is not None:
+                extra = self.context_layer(context).expand(x.shape[0], -1)
+            out = _ReluNet.apply(x, _MaskedReluLayers([lin.mask for lin in linears]),
+                                 use_transposed_output(self), extra,
+                                 *[p for lin in linears for p in (lin.weight, lin.bias)])
+            return out.view(x.shape[0], self.features, self.params_per_feature)
         h = self.hidden(x, context)
         if use_transposed_output(self):
             out = _linear_t(h, self.head.weight * self.head.mask, self.head.bias)
         else:
             out = self.head(h)
         return out.view(x.shape[0], self.features, self.params_per_feature)
+
+    def _plain_relu(self) -> list[MaskedLinear]:
+        """The masked layers, input to output, where :class:`~normflux.nets.mlp._ReluNet`
+        computes this MADE: masked layers with plain ``nn.ReLU`` between them (none
+        replaced, no residual blocks) and no hooks on any of them; else ``[]``."""
+        body = list(self.body._modules.values())
+        mods = [self.first, self.act, *body, self.head]
+        kinds = [MaskedLinear, nn.ReLU] * (len(body) // 2 + 1) + [MaskedLinear]
+        if len(mods) != len(kinds) or any(
+                type(m) is not k or m._forward_hooks or m._forward_pre_hooks
+                for m, k in zip(mods, kinds)):
+            return []
+        return mods[0::2]
 
     def sequential_params(self, context: Tensor | None = None) -> Callable[[Tensor, int], Tensor]:
         """A function ``params(x, i) -> (batch, P)``: coordinate ``i``'s parameters, for the

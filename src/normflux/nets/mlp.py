@@ -128,21 +128,29 @@ class MLP(nn.Module):
                              f"convert one of them (x.to({self.packed.dtype}) or the network's "
                              f".to({x.dtype}))")
         transposed = use_transposed_output(self) and x.dim() == 2
-        if (x.dim() == 2 and torch.is_grad_enabled() and not is_compiling()
-                and not use_reference() and self._plain_relu() and not _autocast(x)):
-            return _ReluMLP.apply(x, self.packed, self, transposed)
+        if self._plain_relu() and use_relu_node(x, self.acts):
+            return _ReluNet.apply(x, self, transposed, None, self.packed)
         return self._layers(x, self.packed, transposed)
 
     def _plain_relu(self) -> bool:
-        """Whether :class:`_ReluMLP` computes this network: no residual blocks, and every
-        activation a plain ``nn.ReLU`` without hooks (it may have been replaced)."""
-        return not self.residual and all(
-            type(a) is nn.ReLU and not (a._forward_hooks or a._forward_pre_hooks)
-            for a in self.acts)
+        """Whether :class:`_ReluNet` can compute this network: no residual blocks, and
+        every activation a plain ``nn.ReLU`` (one may have been replaced)."""
+        return not self.residual and all(type(a) is nn.ReLU for a in self.acts)
+
+    # the network as :class:`_ReluNet` sees it
+    def _relu_layers(self, params):
+        return _unpack(params[0], self._sizes, self._shapes)
+
+    def _relu_grads(self, params):
+        g_packed = torch.empty_like(params[0])
+        return (g_packed,), _unpack(g_packed, self._sizes, self._shapes)
+
+    def _relu_finish(self, g_layers):
+        pass
 
     def _layers(self, x: Tensor, packed: Tensor, transposed: bool) -> Tensor:
         """The network on ``(..., in + C)`` inputs, with plain differentiable ops on the
-        parameters ``packed`` (the reference of :class:`_ReluMLP`)."""
+        parameters ``packed`` (any activations and residual blocks)."""
         layers = _unpack(packed, self._sizes, self._shapes)
         acts = list(self.acts)
         h = acts[0](F.linear(x, *layers[0]))
@@ -197,55 +205,98 @@ def _unpack(packed: Tensor, sizes: list[int], shapes: list[tuple[int, int]]
     return [(parts[2 * j].view(shape), parts[2 * j + 1]) for j, shape in enumerate(shapes)]
 
 
-class _ReluMLP(torch.autograd.Function):
-    """A ReLU :class:`MLP` on ``(batch, in)`` inputs as one autograd node, with a
-    hand-written backward: ``(x, packed, mlp, transposed) -> (batch, out)``.
+class _ReluNet(torch.autograd.Function):
+    """A ReLU network on ``(batch, in)`` inputs as one autograd node, with a hand-written
+    backward: ``(x, net, transposed, extra, *params) -> (batch, out)``, the layers
+    ``h <- relu(h W^T + b)`` then ``h W^T + b`` of :func:`relu_reference` (``extra``, or
+    ``None``, added to the first layer's pre-activation: a MADE's context term).
 
-    Autograd would record a split, a view, a transpose, an ``addmm`` and a ReLU per
-    layer, each a node whose fixed cost dominates small networks; here the backward is
-    the products ``g^T h``, ``g W`` and the ReLU masks alone, and the gradient of
-    ``packed`` is written in place into one tensor (B4 of the speed suite, Real NVP with
-    16 networks 1-64-64-2 at batch 512: 0.3 ms of a 9 ms train step). Keeps the inputs
-    and the hidden activations, as autograd would. A backward that must be differentiable
-    (``create_graph=True``) or runs batched differentiates :meth:`MLP._layers`
-    (:func:`reference_grads`); ``torch.func`` transforms, forward-mode AD
-    (:func:`use_reference`) and ``torch.compile`` (whose inductor fuses the plain layers)
-    call that instead."""
+    ``net`` (an :class:`MLP` or a :class:`~normflux.nets.MADE`) says how its parameters
+    ``params`` make the layers: ``net._relu_layers(params) -> [(weight, bias), ...]``
+    (views of a packed vector, or masked weights ``W * M``), ``net._relu_grads(params) ->
+    (grads, [(g_weight, g_bias), ...])``, buffers that the backward fills layer by layer,
+    and ``net._relu_finish(g_layers)``, which turns those into the parameters' gradients
+    (applies the masks) in place.
+
+    Autograd would record a split or a mask product, a transpose, an ``addmm`` and a ReLU
+    per layer, each a node with its own buffers; here the backward is the products ``g^T
+    h``, ``g W`` and the ReLU masks alone, in place. Fixed costs dominate small networks
+    (B4 of the speed suite, Real NVP with 16 networks 1-64-64-2 at batch 512: 0.3 ms of a
+    9 ms train step); on wide ones the ReLUs run on data still in cache, in place (B2,
+    five MADEs 16-128-128-32 at batch 1024: 6.97 against 7.85 ms for their forward and
+    backward). Keeps the inputs and the hidden activations, as autograd would. A backward
+    that must be differentiable (``create_graph=True``) or runs batched differentiates
+    :func:`relu_reference` (:func:`reference_grads`); ``torch.func`` transforms,
+    forward-mode AD (:func:`use_reference`) and ``torch.compile`` (whose inductor fuses
+    the plain layers) never reach this node (see :func:`use_relu_node`)."""
 
     @staticmethod
-    def forward(ctx, x, packed, mlp, transposed):
-        layers = _unpack(packed, mlp._sizes, mlp._shapes)
+    def forward(ctx, x, net, transposed, extra, *params):
+        layers = net._relu_layers(params)
         hs = [x]
-        for w, b in layers[:-1]:
-            hs.append(torch.addmm(b, hs[-1], w.t()).relu_())
-        ctx.save_for_backward(packed, *hs)
-        ctx.mlp, ctx.transposed = mlp, transposed
+        for j, (w, b) in enumerate(layers[:-1]):
+            h = torch.addmm(b, hs[-1], w.t())
+            if j == 0 and extra is not None:
+                h.add_(extra)
+            hs.append(h.relu_())
+        ctx.save_for_backward(extra, *params, *[w for w, _ in layers], *hs)
+        ctx.net, ctx.transposed = net, transposed
+        ctx.n_params, ctx.n_layers = len(params), len(layers)
         return _linear_t(hs[-1], *layers[-1]) if transposed else torch.addmm(
             layers[-1][1], hs[-1], layers[-1][0].t())
 
     @staticmethod
     def backward(ctx, g):
-        packed, *hs = ctx.saved_tensors
-        mlp = ctx.mlp
+        extra, *saved = ctx.saved_tensors
+        n, L = ctx.n_params, ctx.n_layers
+        params, weights, hs = saved[:n], saved[n:n + L], saved[n + L:]
+        net = ctx.net
         if reference_backward(g):
-            g_x, g_p = reference_grads(lambda x, p: (mlp._layers(x, p, ctx.transposed),),
-                                       (hs[0], packed), (g,))
-            return g_x, g_p, None, None
-        layers = _unpack(packed, mlp._sizes, mlp._shapes)
-        g_packed = torch.empty_like(packed)
-        g_layers = _unpack(g_packed, mlp._sizes, mlp._shapes)
-        g_x = None
-        for j in range(len(layers) - 1, -1, -1):
+            grads = reference_grads(
+                lambda x, e, *p: (relu_reference(net._relu_layers(p), x, e, ctx.transposed),),
+                (hs[0], extra, *params), (g,))
+            return grads[0], None, None, *grads[1:]
+        g_params, g_layers = net._relu_grads(params)
+        g_x = g_extra = None
+        for j in range(len(weights) - 1, -1, -1):
             torch.mm(g.t(), hs[j], out=g_layers[j][0])
             torch.sum(g, 0, out=g_layers[j][1])
             if j:  # the gradient of the layer's input, through the ReLU that made it, in
                 # place: the node keeps its saved activations until it returns, so every
                 # extra buffer here would add to the step's peak memory
-                g = g.mm(layers[j][0])
+                g = g.mm(weights[j])
                 _threshold_backward_(g, hs[j], 0, grad_input=g)
-            elif ctx.needs_input_grad[0]:
-                g_x = g.mm(layers[0][0])
-        return g_x, g_packed, None, None
+            else:
+                if ctx.needs_input_grad[3]:
+                    g_extra = g
+                if ctx.needs_input_grad[0]:
+                    g_x = g.mm(weights[0])
+        net._relu_finish(g_layers)
+        return g_x, None, None, g_extra, *g_params
+
+
+def relu_reference(layers: list[tuple[Tensor, Tensor]], x: Tensor, extra: Tensor | None,
+                   transposed: bool) -> Tensor:
+    """The network of :class:`_ReluNet` with plain differentiable ops: ``layers`` ``[(weight
+    (out, in), bias (out,)), ...]``, ``x`` ``(batch, in)``, ``extra`` ``(batch, H)`` or
+    ``None`` (added before the first ReLU) -> ``(batch, out)``."""
+    h = x
+    for j, (w, b) in enumerate(layers[:-1]):
+        h = F.linear(h, w, b)
+        if j == 0 and extra is not None:
+            h = h + extra
+        h = torch.relu(h)
+    return _linear_t(h, *layers[-1]) if transposed else F.linear(h, *layers[-1])
+
+
+def use_relu_node(x: Tensor, modules) -> bool:
+    """Whether :class:`_ReluNet` computes a network on ``x`` now: eager, with gradients,
+    ``x`` of shape ``(batch, in)``, no fused-Function exception (:func:`use_reference`),
+    no autocast (it hands the layers other dtypes) and no hook on any of ``modules`` (the
+    network's submodules: a hook sees each layer's output, which the node never makes)."""
+    return (x.dim() == 2 and torch.is_grad_enabled() and not is_compiling()
+            and not use_reference() and not _autocast(x)
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
 _threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
