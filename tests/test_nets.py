@@ -254,3 +254,24 @@ def test_relu_made_node_steps_aside_where_it_would_differ():
     with pytest.raises(ValueError, match="MADE has torch.float32 parameters but its input "
                        "is torch.float64"):
         made(x.double())
+
+
+@pytest.mark.parametrize("net", ["mlp", "made"])
+def test_relu_node_on_large_layers_matches_the_layers(net):
+    """Layers of at least 2^16 outputs take ``mm`` and an in-place bias in the node: values
+    and gradients as the layers op by op (``addmm``), in float64 to 1e-12 relative."""
+    torch.manual_seed(6)
+    x = torch.randn(600, 16, dtype=torch.float64, requires_grad=True)
+    if net == "mlp":
+        m = MLP(16, 200, (128, 128), zero_init=False).double()
+        out, ref = m(x), m._layers(x, m.packed, False)
+    else:
+        m = MADE(16, 12, (128, 128), zero_init=False).double()
+        out, ref = m(x), _made_layers(m, x)
+    assert type(out.grad_fn).__name__ == "_ReluNetBackward" or \
+        type(out.grad_fn.next_functions[0][0]).__name__ == "_ReluNetBackward"
+    assert ((out - ref).abs() / (1 + ref.abs())).max() < 1e-12
+    wrt = [x, *m.parameters()]
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, wrt, g), torch.autograd.grad(ref, wrt, g)):
+        assert ((a - b).abs() / (1 + b.abs())).max() < 1e-12

@@ -335,6 +335,22 @@ def test_permutation_semantics():
     assert "perm" in p.state_dict()
 
 
+def test_permutation_loaded_state_sets_the_map_and_its_gradient():
+    """A reversal (computed as a flip) and another permutation swap functions through
+    ``load_state_dict``; values, inverses and gradients follow the loaded ``perm``."""
+    x = torch.arange(8.0).reshape(2, 4).requires_grad_()
+    rev, other = Permutation.reverse(4), Permutation([1, 3, 0, 2])
+    rev_state = {k: v.clone() for k, v in rev.state_dict().items()}
+    rev.load_state_dict(other.state_dict())
+    other.load_state_dict(rev_state)
+    for layer, perm in ((rev, [1, 3, 0, 2]), (other, [3, 2, 1, 0])):
+        z = layer(x)[0]
+        assert torch.equal(z, x[:, perm]) and torch.equal(layer.inverse(z)[0], x)
+        w = torch.arange(8.0).reshape(2, 4) ** 2
+        (g,) = torch.autograd.grad((z * w).sum(), x)
+        assert torch.equal(g[:, perm], w)
+
+
 def test_circular_shift_semantics():
     t = CircularShift([circle, real], shift=1.0)
     x = torch.tensor([[3.0, 7.0], [-3.0, -7.0]], dtype=torch.float64)

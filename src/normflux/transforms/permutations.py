@@ -49,6 +49,7 @@ class Permutation(Transform):
         self.features = perm.numel()
         self.register_buffer("perm", perm)
         self.register_buffer("inv_perm", torch.argsort(perm))
+        self._reversal = _is_reversal(perm)
         self.register_load_state_dict_post_hook(_check_loaded_perm)
 
     @classmethod
@@ -72,12 +73,15 @@ class Permutation(Transform):
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x, context)
-        # index_select: several times faster than advanced indexing, forward and backward
-        return torch.index_select(x, 1, self.perm), x.new_zeros(x.shape[0])
+        # a reversal is a flip (its backward a flip too, where index_select's scatters into
+        # zeros); else index_select: several times faster than advanced indexing
+        z = x.flip(1) if self._reversal else torch.index_select(x, 1, self.perm)
+        return z, x.new_zeros(x.shape[0])
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(z, context)
-        return torch.index_select(z, 1, self.inv_perm), z.new_zeros(z.shape[0])
+        x = z.flip(1) if self._reversal else torch.index_select(z, 1, self.inv_perm)
+        return x, z.new_zeros(z.shape[0])
 
     def extra_repr(self) -> str:
         return f"perm={self.perm.tolist()}"
@@ -93,6 +97,12 @@ def _check_loaded_perm(module: Permutation, incompatible_keys=None) -> None:
         raise ValueError(f"loaded perm is not a permutation of 0..{module.features - 1}: "
                          f"{perm.tolist()}")
     module.inv_perm = torch.argsort(perm)
+    module._reversal = _is_reversal(perm)
+
+
+def _is_reversal(perm: Tensor) -> bool:
+    """Whether ``perm`` is ``(D-1, ..., 0)``."""
+    return torch.equal(perm.cpu(), torch.arange(perm.numel() - 1, -1, -1))
 
 
 class CircularShift(ConstantsMixin, Transform):
