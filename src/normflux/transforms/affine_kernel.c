@@ -18,8 +18,10 @@
  * The forward returns s (B, n), the one value per element the backward reads. All
  * arithmetic in double whatever the storage type (one rounding on store); the same
  * formulas as the tensor ops of bijections.py. Every tensor is contiguous (the caller,
- * native_affine.py, makes it so). tanh and exp through glibc's vector math library where
- * the build declares them SIMD (NFX_SIMD_MATH, see native.py).
+ * native_affine.py, makes it so). When every column is transformed, in order (an
+ * autoregressive layer), the loops run over the elements themselves, contiguous;
+ * otherwise over the rows, column by column. tanh and exp through glibc's vector math
+ * library where the build declares them SIMD (NFX_SIMD_MATH, see native.py).
  */
 #include <math.h>
 #include <stdint.h>
@@ -32,12 +34,44 @@ double exp(double);
 double tanh(double);
 #endif
 
-/* rows handled together: the column loops run over a tile's rows, so that they vectorise */
+/* rows handled together by the loops over rows (few transformed columns) */
 #define AFFINE_TILE 256
+/* elements handled together when every column is transformed */
+#define AFFINE_BLOCK 1024
+
+/* whether the transformed columns are all the columns, in order (an autoregressive layer):
+ * then element (i, k) of the parameters is element i * D + k of x and y */
+static int all_columns(int64_t D, int64_t n, const int64_t *cols) {
+    if (n != D) return 0;
+    for (int64_t k = 0; k < n; k++)
+        if (cols[k] != k) return 0;
+    return 1;
+}
 
 #define AFFINE_KERNELS(T, SUFFIX)                                                          \
 static void forward_##SUFFIX(int64_t B, int64_t D, int64_t n, const T *x, const T *p,      \
                              const int64_t *cols, double bound, T *y, T *ladj, T *s_out) {  \
+    if (n <= AFFINE_BLOCK && all_columns(D, n, cols)) {                                    \
+        const int64_t rows = AFFINE_BLOCK / n;                                             \
+        double sb[AFFINE_BLOCK];                                                           \
+        for (int64_t i0 = 0; i0 < B; i0 += rows) {                                         \
+            const int64_t m = (B - i0 < rows ? B - i0 : rows) * n, q0 = i0 * n;            \
+            const T *pq = p + 2 * q0, *xq = x + q0;                                        \
+            _Pragma("omp simd")                                                            \
+            for (int64_t j = 0; j < m; j++) {                                              \
+                const double s = bound * tanh((double)pq[2 * j + 1] / bound);             \
+                sb[j] = s;                                                                 \
+                s_out[q0 + j] = (T)s;                                                      \
+                y[q0 + j] = (T)((double)xq[j] * exp(s) + (double)pq[2 * j]);               \
+            }                                                                              \
+            for (int64_t j = 0; j < m; j += n) {                                           \
+                double acc = 0.0;                                                          \
+                for (int64_t k = 0; k < n; k++) acc += sb[j + k];                          \
+                ladj[i0 + j / n] = (T)acc;                                                 \
+            }                                                                              \
+        }                                                                                  \
+        return;                                                                            \
+    }                                                                                      \
     memcpy(y, x, (size_t)(B * D) * sizeof(T));                                             \
     for (int64_t i0 = 0; i0 < B; i0 += AFFINE_TILE) {                                      \
         const int64_t m = B - i0 < AFFINE_TILE ? B - i0 : AFFINE_TILE;                     \
@@ -62,6 +96,23 @@ static void forward_##SUFFIX(int64_t B, int64_t D, int64_t n, const T *x, const 
 static void backward_##SUFFIX(int64_t B, int64_t D, int64_t n, const T *gy, const T *gl,   \
                               const T *gs, const T *x, const int64_t *cols, const T *s_in, \
                               double bound, T *gx, T *gp) {                                \
+    if (all_columns(D, n, cols)) {                                                         \
+        for (int64_t i = 0; i < B; i++) {                                                  \
+            const double g_l = gl[i];                                                      \
+            const int64_t q0 = i * n;                                                      \
+            _Pragma("omp simd")                                                            \
+            for (int64_t k = 0; k < n; k++) {                                              \
+                const int64_t q = q0 + k;                                                  \
+                const double g = gy[q], s = s_in[q], th = s / bound;                       \
+                const double g_x = g * exp(s);                                             \
+                const double g_s = g_l + (gs ? (double)gs[q] : 0.0);                       \
+                if (gx) gx[q] = (T)g_x;                                                    \
+                gp[2 * q] = (T)g;                                                          \
+                gp[2 * q + 1] = (T)((g_s + g_x * (double)x[q]) * (1.0 - th * th));         \
+            }                                                                              \
+        }                                                                                  \
+        return;                                                                            \
+    }                                                                                      \
     if (gx) memcpy(gx, gy, (size_t)(B * D) * sizeof(T));                                   \
     for (int64_t k = 0; k < n; k++) {                                                      \
         const int64_t c = cols[k];                                                         \

@@ -90,6 +90,8 @@ class MaskedAutoregressive(Transform):
             raise ValueError(f"MADE has {made.features} features x {made.params_per_feature} "
                              f"outputs, the layer needs {D} x {P}")
         self.made = made
+        # every column, in order: the columns of a fused forward (Bijection.fused_coupling)
+        self.register_buffer("_all_columns", torch.arange(D), persistent=False)
 
     def _made_input(self, x: Tensor) -> Tensor:
         """MADE input columns: real/interval coordinates, then cos and sin of angles."""
@@ -98,6 +100,9 @@ class MaskedAutoregressive(Transform):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x, context)
         params = self.made(self._made_input(x), context)
+        fused = self.bijection.fused_coupling() if self.spec.all_real else None
+        if fused is not None:  # the map, its ladj and their sum in one node (Affine)
+            return fused(x, params, self._all_columns)
         z, lad = self.bijection(x, params, self.spec)
         return z, lad.sum(dim=1)
 

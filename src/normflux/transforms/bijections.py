@@ -76,14 +76,17 @@ class Bijection(nn.Module):
         raise NotImplementedError
 
     def fused_coupling(self) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]] | None:
-        """A coupling layer's whole forward step in one fused op, or ``None`` (the default).
+        """A layer's whole forward step in one fused op, or ``None`` (the default).
 
         The callable maps ``(x, params, columns)`` to ``(y, ladj)``: ``x`` and ``y`` the
         layer's whole input and output ``(batch, D)``, ``columns`` the ``(n,)`` long
         indices of the transformed coordinates, ``params`` ``(batch, n, P)`` theirs,
         ``ladj`` ``(batch,)`` summed over them; the other columns pass through. Without
         it (and always for the inverse) :class:`~normflux.transforms.Coupling` splits the
-        columns, calls :meth:`forward` and merges, one op each with its own backward.
+        columns, calls :meth:`forward` and merges, one op each with its own backward;
+        :class:`~normflux.transforms.MaskedAutoregressive` calls it with every column, in
+        order (real coordinates only: it is asked only where the layer's domains are all
+        real), else calls :meth:`forward` and sums ``ladj``.
         """
         return None
 
@@ -220,7 +223,8 @@ def _affine_coupling(x: Tensor, params: Tensor, columns: Tensor, bound: float
 class _AffineCoupling(torch.autograd.Function):
     """An affine coupling layer's forward in one node: ``(x (batch, D), params (batch, n,
     2), columns (n,), bound) -> (y (batch, D), ladj (batch,), s (batch, n))``, the map of
-    :func:`_affine_coupling` with a closed-form backward.
+    :func:`_affine_coupling` with a closed-form backward (an affine autoregressive layer's
+    too: every column, in order).
 
     One node in place of five (the split of the columns, the affine map, the merge, the
     sum of ``ladj`` and a view), whose fixed cost dominates small layers; on CPU tensors
