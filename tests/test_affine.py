@@ -141,6 +141,31 @@ def _split_path(layer, x):
         layer.bijection.fused_coupling = fused
 
 
+def _assert_fused_matches_split(layer, x, params):
+    """Values and gradients (input and ``params(layer)``) of ``layer`` through its fused
+    node against its split path: to 1e-12 relative in float64, and in float32 no further
+    from the float64 result than the split path itself."""
+    batch = x.shape[0]
+    gy, gl = torch.randn_like(x), torch.randn(batch, dtype=torch.float64)
+    results = {}
+    for dtype in (torch.float64, torch.float32):
+        layer.to(dtype)
+        xd = x.to(dtype).requires_grad_()
+        for name, run in (("fused", layer), ("split", lambda v: _split_path(layer, v))):
+            y, ladj = run(xd)
+            assert y.shape == x.shape and ladj.shape == (batch,) and y.dtype == dtype
+            grads = torch.autograd.grad((y, ladj), [xd, *params(layer)],
+                                        (gy.to(dtype), gl.to(dtype)))
+            results[name, dtype] = [t.double() for t in (y, ladj, *grads)]
+    for a, b in zip(results["fused", torch.float64], results["split", torch.float64]):
+        assert ((a - b).abs() / (1 + b.abs())).max() < 1e-12
+    for a, b, ref in zip(results["fused", torch.float32], results["split", torch.float32],
+                         results["split", torch.float64]):
+        scale = 1 + ref.abs()
+        err_fused, err_split = ((a - ref).abs() / scale).max(), ((b - ref).abs() / scale).max()
+        assert err_fused <= max(2 * err_split, 4 * torch.finfo(torch.float32).eps)
+
+
 @pytest.mark.parametrize("mask,features", [("alternating", 2), ("alternating", 7),
                                            ("half", 6), ("random", 9)])
 @pytest.mark.parametrize("flip", [False, True])
@@ -154,24 +179,7 @@ def test_fused_coupling_matches_the_split_path(coupling_backend, mask, features,
     with torch.no_grad():
         layer.conditioner.packed.normal_(0, 0.7)
     x = 2 * torch.randn(300, features, dtype=torch.float64)
-    gy, gl = torch.randn_like(x), torch.randn(300, dtype=torch.float64)
-    results = {}
-    for dtype in (torch.float64, torch.float32):
-        layer.to(dtype)
-        xd = x.to(dtype).requires_grad_()
-        for name, run in (("fused", layer), ("split", lambda v: _split_path(layer, v))):
-            y, ladj = run(xd)
-            assert y.shape == x.shape and ladj.shape == (300,) and y.dtype == dtype
-            grads = torch.autograd.grad((y, ladj), (xd, layer.conditioner.packed),
-                                        (gy.to(dtype), gl.to(dtype)))
-            results[name, dtype] = [t.double() for t in (y, ladj, *grads)]
-    for a, b in zip(results["fused", torch.float64], results["split", torch.float64]):
-        assert ((a - b).abs() / (1 + b.abs())).max() < 1e-12
-    for a, b, ref in zip(results["fused", torch.float32], results["split", torch.float32],
-                         results["split", torch.float64]):
-        scale = 1 + ref.abs()
-        err_fused, err_split = ((a - ref).abs() / scale).max(), ((b - ref).abs() / scale).max()
-        assert err_fused <= max(2 * err_split, 4 * torch.finfo(torch.float32).eps)
+    _assert_fused_matches_split(layer, x, lambda layer: [layer.conditioner.packed])
 
 
 def test_fused_coupling_second_order_and_batched(coupling_backend):
@@ -253,24 +261,7 @@ def test_fused_autoregressive_matches_forward_and_sum(coupling_backend, features
         for p in layer.made.parameters():
             p.normal_(0, 0.6)
     x = 2 * torch.randn(batch, features, dtype=torch.float64)
-    gy, gl = torch.randn_like(x), torch.randn(batch, dtype=torch.float64)
-    results = {}
-    for dtype in (torch.float64, torch.float32):
-        layer.to(dtype)
-        xd = x.to(dtype).requires_grad_()
-        for name, run in (("fused", layer), ("split", lambda v: _split_path(layer, v))):
-            y, ladj = run(xd)
-            assert y.shape == x.shape and ladj.shape == (batch,) and y.dtype == dtype
-            params = list(layer.made.parameters())
-            grads = torch.autograd.grad((y, ladj), [xd, *params], (gy.to(dtype), gl.to(dtype)))
-            results[name, dtype] = [t.double() for t in (y, ladj, *grads)]
+    _assert_fused_matches_split(layer, x, lambda layer: list(layer.made.parameters()))
     if coupling_backend == "kernel":
         y, ladj = layer(x.float())
         assert type(ladj.grad_fn).__name__ == "_AffineCouplingBackward"
-    for a, b in zip(results["fused", torch.float64], results["split", torch.float64]):
-        assert ((a - b).abs() / (1 + b.abs())).max() < 1e-12
-    for a, b, ref in zip(results["fused", torch.float32], results["split", torch.float32],
-                         results["split", torch.float64]):
-        scale = 1 + ref.abs()
-        err_fused, err_split = ((a - ref).abs() / scale).max(), ((b - ref).abs() / scale).max()
-        assert err_fused <= max(2 * err_split, 4 * torch.finfo(torch.float32).eps)
