@@ -9,7 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import context_width, integer
-from .mlp import _autocast, _linear_t, _ReluNet, check_net_input, use_relu_node, use_transposed_output
+from .mlp import (
+    _autocast,
+    _linear_t,
+    _ReluNet,
+    check_net_dtype,
+    check_net_input,
+    use_relu_node,
+    use_transposed_output,
+)
 
 __all__ = ["MADE", "MaskedLinear", "autoregressive_order"]
 
@@ -249,13 +257,12 @@ class MADE(nn.Module):
 
         Raises:
             ValueError: an input without ``n_in`` columns; a context for an
-                unconditional MADE, none for a conditional one, or one of the wrong width.
+                unconditional MADE, none for a conditional one, or one of the wrong width;
+                an input not of the parameters' dtype (outside autocast).
         """
         check_net_input("MADE", x, self.in_features, context, self.context_features)
-        if x.dtype != self.head.weight.dtype and not _autocast(x):
-            raise ValueError(f"MADE has {self.head.weight.dtype} parameters but its input is "
-                             f"{x.dtype}; convert one of them (x.to({self.head.weight.dtype}) "
-                             f"or the network's .to({x.dtype}))")
+        if not _autocast(x):  # autocast hands the layers other dtypes
+            check_net_dtype("MADE", x, self.head.weight.dtype)
         linears = self._plain_relu()
         if linears and use_relu_node(x, ()):
             extra = None

@@ -123,10 +123,7 @@ class MLP(nn.Module):
             if context.shape[0] != x.shape[0]:
                 context = context.expand(x.shape[0], -1)
             x = torch.cat([x, context], dim=-1) if self.in_features else context
-        if x.dtype != self.packed.dtype:
-            raise ValueError(f"MLP has {self.packed.dtype} parameters but its input is {x.dtype}; "
-                             f"convert one of them (x.to({self.packed.dtype}) or the network's "
-                             f".to({x.dtype}))")
+        check_net_dtype("MLP", x, self.packed.dtype)
         transposed = use_transposed_output(self) and x.dim() == 2
         if self._plain_relu() and use_relu_node(x, self.acts):
             return _ReluNet.apply(x, self, transposed, None, self.packed)
@@ -341,6 +338,18 @@ def check_net_input(owner: str, x: Tensor, in_features: int, context: Tensor | N
     elif context.shape[-1] != context_features:
         raise ValueError(f"{owner} expects a context with {context_features} features in the "
                          f"last dimension, got shape {tuple(context.shape)}")
+
+
+def check_net_dtype(owner: str, x: Tensor, dtype: torch.dtype) -> None:
+    """A conditioner network's input against its parameters' ``dtype``.
+
+    Raises:
+        ValueError: ``x`` of another dtype, naming both and the two conversions.
+    """
+    if x.dtype != dtype:
+        raise ValueError(f"{owner} has {dtype} parameters but its input is {x.dtype}; "
+                         f"convert one of them (x.to({dtype}) or the network's "
+                         f".to({x.dtype}))")
 
 
 def _linear_t(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
