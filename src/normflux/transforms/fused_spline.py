@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._tracing import is_compiling
-from . import native_spline, triton_spline
+from . import native_spline
 from ._first_order import reference_backward, reference_grads, use_reference
 from .splines import (
     _rq_forward,
@@ -232,14 +232,16 @@ def fused_rq_spline(x: Tensor, params: Tensor, low: Tensor, high: Tensor, *, bin
     if native:
         return native_spline.rq_spline(x, params, low, high, *consts)
     if (x.is_cuda and x.dtype in (torch.float32, torch.float64) and not is_compiling()
-            and params.device == low.device == high.device == x.device
-            and triton_spline.available()):
+            and params.device == low.device == high.device == x.device):
         # the Triton kernels: one launch per pass instead of ~100 (torch.compile fuses
-        # the tensor-op Function below itself)
-        try:
-            return triton_spline.rq_spline(x, params, low, high, *consts)
-        except triton_spline.KernelUnavailable:
-            pass  # warned once; the tensor ops below from now on
+        # the tensor-op Function below itself); imported at the first CUDA call, as
+        # importing Triton takes 0.2 s
+        from . import triton_spline
+        if triton_spline.available():
+            try:
+                return triton_spline.rq_spline(x, params, low, high, *consts)
+            except triton_spline.KernelUnavailable:
+                pass  # warned once; the tensor ops below from now on
     if x.dim() == 2 and params.stride(0) == 1 and params.stride(2) == x.shape[0]:
         # batch-minor parameters (a conditioner's transposed output, memory (n, P, B)):
         # the parameter-major view is free, and only x (n values per row) is transposed

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .._tracing import constant_when_traced
+
 __all__ = ["available", "library"]
 
 _log = logging.getLogger(__name__)
@@ -157,7 +159,7 @@ _LIB: ctypes.CDLL | None = None
 _TRIED = False
 
 
-@torch.compiler.assume_constant_result  # traced by torch.compile as its value (it may build)
+@constant_when_traced  # traced by torch.compile as its value (it may build)
 def available() -> bool:
     """Whether the C kernels are built and loaded (builds them on the first call).
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .._tracing import is_compiling
+from .._tracing import constant_when_traced, is_compiling
 from . import native
 from ._first_order import reference_backward, reference_grads
 
@@ -31,7 +31,7 @@ __all__ = ["available", "rq_spline", "traceable"]
 _SOURCE = Path(__file__).with_name("rq_kernel.c")
 
 
-@torch.compiler.assume_constant_result  # traced by torch.compile as its value (it may build)
+@constant_when_traced  # traced by torch.compile as its value (it may build)
 def available() -> bool:
     """Whether the C kernels are built and loaded (:func:`normflux.transforms.native.available`)."""
     return native.available()
