@@ -28,8 +28,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import torch
-
 from .._tracing import constant_when_traced
 
 __all__ = ["available", "library"]
