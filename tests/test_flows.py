@@ -233,6 +233,30 @@ def test_bad_inputs_are_rejected_with_clear_errors():
         flow.log_prob([[0.0, 0.0, 0.0]])
 
 
+def test_dtype_check_follows_conversions_after_first_use():
+    # the flow looks its dtype up once; a later conversion, of the flow or of its parts,
+    # must still be seen by the check (and by the message)
+    flow = small_flow(dtype=F32)
+    flow.log_prob(torch.randn(5, 3))
+    flow.double()
+    with pytest.raises(ValueError, match="float32 but the flow is torch.float64"):
+        flow.log_prob(torch.randn(5, 3))
+    assert flow.log_prob(torch.randn(5, 3, dtype=F64)).dtype == F64
+    flow.transform.float()
+    flow.base.float()
+    with pytest.raises(ValueError, match="float64 but the flow is torch.float32"):
+        flow.log_prob(torch.randn(5, 3, dtype=F64))
+    assert flow.log_prob(torch.randn(5, 3)).dtype == F32
+    # a copy and a pickled flow have their own dtype: converting the original leaves them
+    buf = io.BytesIO()
+    torch.save(flow, buf)
+    copy_ = copy.deepcopy(flow)
+    flow.double()
+    buf.seek(0)
+    for other in (copy_, torch.load(buf, weights_only=False)):
+        assert other.log_prob(torch.randn(5, 3)).dtype == F32
+
+
 def test_bad_context_values_are_rejected():
     flow = small_flow(context=CTX, dtype=F32)
     x = torch.randn(4, 3)

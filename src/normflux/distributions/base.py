@@ -181,7 +181,9 @@ class DiagGaussian(BaseDistribution):
     def log_prob(self, z, context=None):
         self._check_log_prob(z, context)
         u = (z - self.loc) * torch.exp(-self.log_scale)
-        return (-0.5 * u * u - self.log_scale).sum(-1) - 0.5 * math.log(2 * math.pi) * u.shape[-1]
+        # four passes over (batch, D) where the sum of the elementwise terms took six
+        return -0.5 * u.square().sum(-1) - (self.log_scale.sum()
+                                             + 0.5 * math.log(2 * math.pi) * u.shape[-1])
 
     def sample(self, n, context=None):
         n = self._check_sample(n, context)
