@@ -255,6 +255,35 @@ def test_dtype_check_follows_conversions_after_first_use():
     buf.seek(0)
     for other in (copy_, torch.load(buf, weights_only=False)):
         assert other.log_prob(torch.randn(5, 3)).dtype == F32
+    # parameters replaced by a load with assign=True, while a graph keeps the old ones
+    # alive: the flow and every layer check against the new ones
+    flow = small_flow(dtype=F32)
+    graph = flow.log_prob(torch.randn(5, 3)).sum()
+    flow.load_state_dict({k: v.double() if v.is_floating_point() else v
+                          for k, v in flow.state_dict().items()}, assign=True)
+    assert flow.log_prob(torch.randn(5, 3, dtype=F64)).dtype == F64
+    with pytest.raises(ValueError, match="float32 but the flow is torch.float64"):
+        flow.log_prob(torch.randn(5, 3))
+    del graph
+    # and the first parameter replaced by assignment (the others stay float64)
+    name, first = next(flow.named_parameters())
+    owner, _, attr = name.rpartition(".")
+    setattr(flow.get_submodule(owner), attr, nn.Parameter(first.detach().float()))
+    with pytest.raises(ValueError, match="float64 but the flow is torch.float32"):
+        flow.log_prob(torch.randn(5, 3, dtype=F64))
+
+
+def test_inputs_on_another_device_are_named():
+    # the meta device stands in for a GPU: before, the NaN check failed on it with
+    # "Tensor.item() cannot be called on meta tensors"
+    flow = small_flow(context=CTX, dtype=F32)
+    x, c = torch.randn(4, 3), torch.randn(4, CTX)
+    with pytest.raises(ValueError, match=r"x is on meta but the flow is on cpu.*x.to\('cpu'\)"):
+        flow.log_prob(x.to("meta"), c)
+    with pytest.raises(ValueError, match="context is on meta but the flow is on cpu"):
+        flow.log_prob(x, c.to("meta"))
+    with pytest.raises(ValueError, match="context is on meta but the flow is on cpu"):
+        flow.sample(4, c[0].to("meta"))
 
 
 def test_bad_context_values_are_rejected():

@@ -257,6 +257,57 @@ def test_relu_made_node_steps_aside_where_it_would_differ():
 
 
 @pytest.mark.parametrize("net", ["mlp", "made"])
+@pytest.mark.parametrize("how", ["container hook", "global hook", "global pre-hook",
+                                 "backward hook", "patched forward"])
+def test_relu_node_steps_aside_for_every_hook_and_patch(net, how):
+    """Whatever would run on the way through the layers (a hook on the MADE's ``body``
+    container, a hook for every module, a full backward hook, an activation whose
+    ``forward`` was patched on the instance) runs, and gives the same output, with and
+    without gradients: the node steps aside for all of them."""
+    torch.manual_seed(7)
+    x = torch.randn(5, 4, requires_grad=True)
+    m = (MLP(4, 6, (8, 8), zero_init=False) if net == "mlp"
+         else MADE(4, 2, (8, 8), zero_init=False))
+    act = m.acts[0] if net == "mlp" else m.act
+    calls = []
+
+    def double_it(mod, args, out):
+        calls.append(type(mod).__name__)
+        return 2 * out
+    handles = []
+    if how == "container hook":
+        if net == "mlp":
+            pytest.skip("an MLP's activations sit in a ModuleList, which is never called")
+        handles.append(m.body.register_forward_hook(double_it))
+    elif how == "global hook":
+        handles.append(torch.nn.modules.module.register_module_forward_hook(double_it))
+    elif how == "global pre-hook":
+        handles.append(torch.nn.modules.module.register_module_forward_pre_hook(
+            lambda mod, args: calls.append(type(mod).__name__)))
+    elif how == "backward hook":
+        handles.append(act.register_full_backward_hook(
+            lambda mod, gi, go: calls.append("backward")))
+    else:
+        act.forward = lambda h: 3 * torch.relu(h)
+    try:
+        out = m(x)
+        if how == "backward hook":
+            out.sum().backward()
+            assert calls == ["backward"]
+        else:
+            assert type(out.grad_fn).__name__ != "_ReluNetBackward"
+            if how == "container hook":
+                assert calls == ["Sequential"]
+            elif how != "patched forward":  # the network's call and its layers' own
+                assert len(calls) > 1
+        with torch.no_grad():
+            assert torch.equal(m(x), out)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("net", ["mlp", "made"])
 def test_relu_node_on_large_layers_matches_the_layers(net):
     """Layers of at least 2^16 outputs take ``mm`` and an in-place bias in the node: values
     and gradients as the layers op by op (``addmm``), in float64 to 1e-12 relative."""

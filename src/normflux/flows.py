@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import Tensor, nn
 from torch.distributions import Distribution, constraints
 
-from ._checks import all_finite, context_width, integer
+from ._checks import all_finite, context_width, first_float_parameter, integer
 from .distributions.base import BaseDistribution
 from .transforms.base import Transform, is_compiling
 
@@ -33,8 +32,8 @@ class Flow(nn.Module):
             base's ``context_features``.
 
     Raises (from every method):
-        ValueError: ``x`` with the wrong event shape, dtype or NaN; a context of the wrong
-            shape or dtype, with NaN, one passed to an unconditional flow, or none for a
+        ValueError: ``x`` with the wrong event shape, dtype, device or NaN; a context of
+            the wrong shape, dtype or device, with NaN, one passed to an unconditional flow, or none for a
             conditional one — each message names what was expected and what was
             received. These checks run before any computation (the NaN checks are
             skipped inside ``torch.compile``). At construction: ``transform``, ``base``
@@ -67,34 +66,26 @@ class Flow(nn.Module):
 
     # ------------------------------------------------------------------ validation
     def _dtype(self) -> torch.dtype:
-        """The flow's dtype: its first parameter's (else its first floating buffer's, else
-        torch's default). The parameter is looked up once (a walk of the module tree, 25 us
-        per call on a five-layer MAF) and kept by weak reference, its ``dtype`` read at
-        each call, so that conversions of the flow or of any part of it (which change
-        ``param.data``) are seen, and a replaced parameter is looked up again;
-        :meth:`_apply` forgets it (a conversion may replace parameters)."""
-        ref = self.__dict__.get("_first_param")
-        p = ref() if ref is not None else None
+        """The flow's dtype: its first floating-point parameter's (see
+        :func:`~normflux._checks.first_float_parameter`), else its first floating buffer's,
+        else torch's default."""
+        p = first_float_parameter(self)
         if p is not None:
             return p.dtype
-        for t in self.parameters():
-            self.__dict__["_first_param"] = weakref.ref(t)
-            return t.dtype
         for t in self.buffers():
             if t.is_floating_point():
                 return t.dtype
         return torch.get_default_dtype()
 
-    def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_first_param", None)
-        return super()._apply(fn, *args, **kwargs)
-
-    def __getstate__(self):
-        # copies and pickles look their first parameter up again (a weak reference can be
-        # neither pickled nor shared with a copy)
-        state = self.__dict__.copy()
-        state.pop("_first_param", None)
-        return state
+    def _check_device(self, t: Tensor, what: str) -> None:
+        """``t`` (``x`` or the context) on the device of the flow's parameters (of its first
+        buffer without any; anywhere without either)."""
+        p = first_float_parameter(self)
+        if p is None:
+            p = next(self.buffers(), None)
+        if p is not None and t.device != p.device:
+            raise ValueError(f"{what} is on {t.device} but the flow is on {p.device}; move "
+                             f"one of them ({what}.to('{p.device}') or flow.to('{t.device}'))")
 
     def _prepare_x(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
         if not isinstance(x, Tensor):
@@ -108,6 +99,7 @@ class Flow(nn.Module):
         if x.dtype != self._dtype():
             raise ValueError(f"x has dtype {x.dtype} but the flow is {self._dtype()}; "
                              f"convert one of them (x.to({self._dtype()}) or flow.to({x.dtype}))")
+        self._check_device(x, "x")
         if not is_compiling() and not all_finite(x):
             bad = ~torch.isfinite(x.reshape(-1, math.prod(ev)))
             rows = bad.any(-1).nonzero().flatten()
@@ -142,6 +134,7 @@ class Flow(nn.Module):
                              f"({context.shape[-1] if context.dim() else 0} features, expected {C})")
         if context.dtype != self._dtype():
             raise ValueError(f"context has dtype {context.dtype} but the flow is {self._dtype()}")
+        self._check_device(context, "context")
         cb = tuple(context.shape[:-1])
         try:
             shape = torch.broadcast_shapes(cb, batch)

@@ -15,6 +15,7 @@ from .mlp import (
     _ReluNet,
     check_net_dtype,
     check_net_input,
+    plain_module,
     use_relu_node,
     use_transposed_output,
 )
@@ -286,9 +287,8 @@ class MADE(nn.Module):
         body = list(self.body._modules.values())
         mods = [self.first, self.act, *body, self.head]
         kinds = [MaskedLinear, nn.ReLU] * (len(body) // 2 + 1) + [MaskedLinear]
-        if len(mods) != len(kinds) or any(
-                type(m) is not k or m._forward_hooks or m._forward_pre_hooks
-                for m, k in zip(mods, kinds)):
+        if len(mods) != len(kinds) or not plain_module(self.body) or any(
+                type(m) is not k or not plain_module(m) for m, k in zip(mods, kinds)):
             return []
         return mods[0::2]
 

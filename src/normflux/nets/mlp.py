@@ -306,11 +306,32 @@ def relu_reference(layers: list[tuple[Tensor, Tensor]], x: Tensor, extra: Tensor
 def use_relu_node(x: Tensor, modules) -> bool:
     """Whether :class:`_ReluNet` computes a network on ``x`` now: eager, with gradients,
     ``x`` of shape ``(batch, in)``, no fused-Function exception (:func:`use_reference`),
-    no autocast (it hands the layers other dtypes) and no hook on any of ``modules`` (the
-    network's submodules: a hook sees each layer's output, which the node never makes)."""
+    no autocast (it hands the layers other dtypes), each of ``modules`` (the network's
+    submodules) :func:`plain_module`, and no global module hook (a hook sees each
+    layer's input and output, which the node never makes)."""
     return (x.dim() == 2 and torch.is_grad_enabled() and not is_compiling()
             and not use_reference() and not _autocast(x)
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+            and all(plain_module(m) for m in modules) and not _global_module_hooks())
+
+
+def plain_module(m: nn.Module) -> bool:
+    """Whether a submodule of a network may be skipped by :class:`_ReluNet`: no forward,
+    forward-pre, backward or backward-pre hook, and no ``forward`` of its own instance
+    (a patched method), which the plain layers would call."""
+    return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks or "forward" in m.__dict__)
+
+
+_MODULE = torch.nn.modules.module
+_GLOBAL_HOOKS = tuple(getattr(_MODULE, name, {}) for name in (
+    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+    "_global_backward_pre_hooks"))
+
+
+def _global_module_hooks() -> bool:
+    """Whether a hook for every module is registered (``register_module_forward_hook``
+    and the like)."""
+    return any(_GLOBAL_HOOKS)
 
 
 _threshold_backward_ = torch.ops.aten.threshold_backward.grad_input

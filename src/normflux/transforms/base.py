@@ -15,6 +15,7 @@ from typing import Iterable
 import torch
 from torch import Tensor, nn
 
+from .._checks import first_float_parameter
 from .._tracing import is_compiling
 
 __all__ = ["Transform", "Chain", "Inverse", "check_context", "is_compiling"]
@@ -71,8 +72,6 @@ def check_context(context: Tensor | None, context_features: int | None, batch: i
         raise ValueError(f"context has batch size {context.shape[0]} but the input has batch "
                          f"size {batch}; they must match (or the context batch must be 1)")
 
-
-_UNSET = object()
 
 
 class Transform(nn.Module):
@@ -132,17 +131,10 @@ class Transform(nn.Module):
         check_context(context, self.context_features, x.shape[0], name, dtype)
 
     def _parameter_dtype(self) -> torch.dtype | None:
-        """The dtype of the layer's first floating-point parameter (``None`` without one),
-        cached; ``.to()``, ``.double()`` ... (:meth:`_apply`) forget it."""
-        dtype = self.__dict__.get("_param_dtype", _UNSET)
-        if dtype is _UNSET:
-            p = next((p for p in self.parameters() if p.is_floating_point()), None)
-            dtype = self.__dict__["_param_dtype"] = None if p is None else p.dtype
-        return dtype
-
-    def _apply(self, fn, *args, **kwargs):
-        self.__dict__.pop("_param_dtype", None)
-        return super()._apply(fn, *args, **kwargs)
+        """The dtype of the layer's first floating-point parameter (``None`` without one;
+        see :func:`~normflux._checks.first_float_parameter`)."""
+        p = first_float_parameter(self)
+        return None if p is None else p.dtype
 
 
 class Chain(Transform):
