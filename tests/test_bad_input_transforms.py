@@ -36,10 +36,34 @@ from normflux.nets import MADE, MLP
     (lambda: nf.Planar(3, context_features=-2), "context_features must be >= 1"),
     (lambda: MLP(3, 2, ("64",)), "hidden_features must be an integer"),
     (lambda: MADE(3, 2, (16,), context_features=1.5), "context_features must be an integer"),
+    # read as 3 and as a boolean mask before
+    (lambda: nf.Coupling(nf.Affine(), mask="half", features=2.5), "features must be an integer"),
+    (lambda: nf.RQSpline(min_bin_height="a"), "min_bin_height must be a finite number"),
+    (lambda: nf.Permutation(3), r"the single number 3; .*Permutation.reverse\(features\)"),
+    (lambda: nf.Coupling(nf.Affine(), mask=[0.0, 0.5, 0.0, 1.0]),
+     r"mask entries must be booleans \(or 0 and 1\)"),
+    # a conditioner or MADE of another context width: one direction ignored the context
+    (lambda: nf.Coupling(nf.Affine(), MLP(2, 4, (8,), context_features=3), features=4,
+                         context_features=2),
+     "conditioner takes context_features=3 but the layer has context_features=2"),
+    (lambda: nf.Coupling(nf.Affine(), MLP(2, 4, (8,), context_features=3), features=4),
+     "conditioner takes context_features=3 but the layer has context_features=None"),
+    (lambda: nf.MaskedAutoregressive(nf.Affine(), MADE(3, 2), features=3, context_features=2),
+     "MADE takes context_features=None but the layer has context_features=2"),
+    (lambda: nf.MaskedAutoregressive(nf.Affine(), MADE(3, 2, context_features=2), features=3),
+     "MADE takes context_features=2 but the layer has context_features=None"),
 ])
 def test_constructor_values_are_checked(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+@pytest.mark.parametrize("index", [[0, -1], [0, 3], [0.0, 1.0], [[0, 1]]])
+def test_made_input_index_is_checked(index):
+    # a negative entry counted from the end before
+    with pytest.raises(IndexError, match=r"input_index must be a 1-D integer tensor of "
+                       r"coordinates 0..2"):
+        MADE(3, 2, input_index=torch.tensor(index))
 
 
 def _layers():
@@ -105,6 +129,67 @@ def test_conditioner_networks_check_their_inputs():
             net()
     with pytest.raises(ValueError, match="features must be >= 1, got 0"):
         MADE(0, 2, (8,))
+
+
+def test_conditioners_of_the_wrong_kind_or_output_are_named():
+    """A bijection or conditioner of the wrong kind fails at construction, and a
+    conditioner output of the wrong shape at call time, naming the expected shape (torch
+    said "shape '[5, 2, 2]' is invalid for input of size 15", or "'tuple' object has no
+    attribute 'view'")."""
+    with pytest.raises(TypeError, match="bijection must be a normflux Bijection"):
+        nf.Coupling(None, features=4)
+    with pytest.raises(TypeError, match="conditioner factory must return an nn.Module"):
+        nf.Coupling(nf.Affine(), lambda *a: None, features=4)
+    with pytest.raises(TypeError, match="conditioner must be None, an nn.Module or a factory"):
+        nf.Coupling(nf.Affine(), 3, features=4)
+    with pytest.raises(TypeError, match="made factory must return a MADE"):
+        nf.MaskedAutoregressive(nf.Affine(), lambda *a: MLP(3, 6), features=3)
+    x = torch.randn(5, 4)
+    layer = nf.Coupling(nf.Affine(), MLP(2, 3, (8,)), mask="alternating", features=4)
+    with pytest.raises(ValueError, match=r"conditioner must return a tensor of shape \(5, 4\) "
+                       r".*2 x 2\), got \(5, 3\)"):
+        layer(x)
+
+    class Pair(torch.nn.Module):
+        def forward(self, h):
+            return h, h
+    with pytest.raises(ValueError, match=r"shape \(5, 4\).*got tuple"):
+        nf.Coupling(nf.Affine(), Pair(), mask="alternating", features=4)(x)
+
+
+@pytest.mark.parametrize("net", ["mlp", "made"])
+def test_conditioner_networks_name_bad_shapes_types_and_dtypes(net):
+    """MLP / MADE called directly: what torch reported as an expand, cat or view error, an
+    AttributeError, or (int64 and float16 inputs beside a context, promoted by the concat)
+    did not report at all, is named."""
+    m = MLP(3, 4, (8,), context_features=2) if net == "mlp" else MADE(3, 2, (8,), 2)
+    name = m.__class__.__name__
+    x, c = torch.randn(5, 3), torch.randn(5, 2)
+    with pytest.raises(ValueError, match=r"leading dimensions are those of x.*\(5, 3\) and "
+                       r"\(3, 2\)"):
+        m(x, torch.randn(3, 2))
+    with pytest.raises(ValueError, match=r"leading dimensions.*\(5, 3\) and \(1, 5, 2\)"):
+        m(x, c[None])
+    with pytest.raises(TypeError, match=f"{name} expects a torch.Tensor input, got list"):
+        m(x.tolist(), c)
+    with pytest.raises(TypeError, match=f"{name} expects a torch.Tensor context, got list"):
+        m(x, c.tolist())
+    for bad in (x.long(), x.half(), x.double()):
+        with pytest.raises(ValueError, match=f"{name} has torch.float32 parameters but its "
+                           f"input is {bad.dtype}"):
+            m(bad, c)
+    for bad in (c.long(), c.double()):
+        with pytest.raises(ValueError, match=f"{name} has torch.float32 parameters but its "
+                           rf"context is {bad.dtype}; convert one of them \(context.to"):
+            m(x, bad)
+    assert m(x, c[:1]).shape[0] == 5  # a (1, C) context broadcasts
+    if net == "made":
+        with pytest.raises(ValueError, match=r"MADE expects inputs of shape \(batch, 3\), got "
+                           r"\(3,\)"):
+            MADE(3, 2, (8,))(x[0])
+    else:
+        with pytest.raises(ValueError, match="leading dimensions"):
+            MLP(0, 4, (8,), context_features=2)(torch.zeros(1, 5, 0), torch.zeros(1, 2))
 
 
 def test_batchnorm_empty_batch_in_training():

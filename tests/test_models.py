@@ -125,13 +125,20 @@ def test_realnvp_rejects_circle():
         models.build("realnvp", 2, domains=("real", "circle"))
 
 
-@pytest.mark.parametrize("bad", [dict(features=1), dict(layers=0), dict(context=0),
-                                 dict(domains=["real", "sphere"]), dict(permutation="spiral"),
-                                 dict(unknown_option=3)])
-def test_bad_arguments_raise_value_error(bad):
+@pytest.mark.parametrize("bad,match", [
+    (dict(features=1), "at least 2 features"), (dict(layers=0), "layers"),
+    (dict(context=0), "context"), (dict(domains=["real", "sphere"]), "sphere"),
+    (dict(permutation="spiral"), "permutation"), (dict(unknown_option=3), "unknown_option"),
+    # accepted before (by the architectures that ignore them, or read as 3.0)
+    (dict(name="maf", bins=0), "bins must be >= 1"), (dict(bins=-1), "bins must be >= 1"),
+    (dict(name="planar", hidden=(-3,)), "hidden must be >= 1"),
+    (dict(name="planar", hidden=()), "hidden needs at least one width"),
+    (dict(tail_bound="3"), "tail_bound must be a finite number"),
+    (dict(tail_bound=0), "tail_bound must be > 0")])
+def test_bad_arguments_raise_value_error(bad, match):
     kw = dict(name="nsf", features=3, layers=2)
     kw.update(bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=match):
         models.build(**kw)
 
 

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._checks import flag, integer
+from ._checks import flag, integer, real
 from .distributions.base import BaseDistribution, CircularUniform, DiagGaussian, Product, Uniform
 from .flows import Flow
 from .transforms.autoregressive import MaskedAutoregressive
@@ -527,14 +527,16 @@ def build(name: str, features: int, *, context: int | None = None, layers: int =
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
     features = integer("features", features)
     layers = integer("layers", layers)
-    bins = integer("bins", bins)
+    bins = integer("bins", bins, minimum=1)
     if context is not None:
         context = integer("context", context)
     if isinstance(hidden, str) or not isinstance(hidden, (int, Sequence)) or isinstance(hidden, bool):
         raise ValueError(f"hidden must be an int or a sequence of ints, got {hidden!r}")
-    hidden = [integer("hidden", h) for h in ([hidden] * 2 if isinstance(hidden, int) else hidden)]
-    if not math.isfinite(float(tail_bound)) or float(tail_bound) <= 0:
-        raise ValueError(f"tail_bound must be a positive finite number, got {tail_bound!r}")
+    hidden = [integer("hidden", h, minimum=1)
+              for h in ([hidden] * 2 if isinstance(hidden, int) else hidden)]
+    if not hidden:
+        raise ValueError("hidden needs at least one width, got an empty sequence")
+    tail_bound = real("tail_bound", tail_bound, low=0, low_open=True)
     if permutation not in ("random", "reverse", "none"):
         raise ValueError(f"permutation must be 'random', 'reverse' or 'none', got {permutation!r}")
     flag("standardize", standardize)

@@ -13,7 +13,6 @@ from .mlp import (
     _autocast,
     _linear_t,
     _ReluNet,
-    check_net_dtype,
     check_net_input,
     plain_module,
     use_relu_node,
@@ -175,7 +174,8 @@ class MADE(nn.Module):
             ``context_features``
             neither ``None`` nor an integer >= 1, unequal widths with ``residual``, bad
             order.
-        IndexError: an ``input_index`` entry outside ``0..D-1``.
+        IndexError: an ``input_index`` that is not a 1-D integer tensor of entries in
+            ``0..D-1`` (a negative entry used to count from the end).
     """
 
     def __init__(self, features: int, params_per_feature: int,
@@ -200,7 +200,14 @@ class MADE(nn.Module):
         self.context_features = context_features = context_width(context_features)
         degrees = autoregressive_order(order, D, generator)
         self.register_buffer("degrees", degrees)
-        in_deg = degrees if input_index is None else degrees[torch.as_tensor(input_index)]
+        if input_index is not None:
+            input_index = torch.as_tensor(input_index)
+            if (input_index.dim() != 1 or input_index.is_floating_point()
+                    or input_index.dtype == torch.bool or input_index.is_complex()
+                    or bool(((input_index < 0) | (input_index >= D)).any())):
+                raise IndexError(f"input_index must be a 1-D integer tensor of coordinates "
+                                 f"0..{D - 1}, got {input_index.tolist()}")
+        in_deg = degrees if input_index is None else degrees[input_index]
         self.in_features = in_deg.numel()
 
         def hidden_degrees(H: int) -> Tensor:
@@ -257,13 +264,19 @@ class MADE(nn.Module):
         """``(batch, n_in)`` (+ context ``(batch, C)``) -> ``(batch, D, P)``.
 
         Raises:
-            ValueError: an input without ``n_in`` columns; a context for an
-                unconditional MADE, none for a conditional one, or one of the wrong width;
-                an input not of the parameters' dtype (outside autocast).
+            TypeError: ``x`` or the context is not a tensor.
+            ValueError: ``x`` not ``(batch, n_in)``; as in
+                :func:`~normflux.nets.mlp.check_net_input`, a context where none is
+                expected or none where one is, of the wrong width or batch, ``x`` or the
+                context not of the parameters' dtype (outside autocast).
         """
-        check_net_input("MADE", x, self.in_features, context, self.context_features)
-        if not _autocast(x):  # autocast hands the layers other dtypes
-            check_net_dtype("MADE", x, self.head.weight.dtype)
+        # autocast hands the layers other dtypes (a non-tensor x is named by the check)
+        autocast = isinstance(x, Tensor) and _autocast(x)
+        check_net_input("MADE", x, self.in_features, context, self.context_features,
+                        None if autocast else self.head.weight.dtype)
+        if x.dim() != 2:
+            raise ValueError(f"MADE expects inputs of shape (batch, {self.in_features}), got "
+                             f"{tuple(x.shape)}")
         linears = self._plain_relu()
         if linears and use_relu_node(x, ()):
             extra = None

@@ -110,20 +110,21 @@ class MLP(nn.Module):
         return _unpack(self.packed, self._sizes, self._shapes)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
-        """``(batch, in)`` (+ context ``(batch, C)``) -> ``(batch, out)``.
+        """``(..., in)`` (+ context ``(..., C)``, where a leading dimension of 1 broadcasts)
+        -> ``(..., out)``.
 
         Raises:
-            ValueError: an input without ``in_features`` columns; a context for an
-                unconditional MLP, none for a conditional one, or one without
-                ``context_features`` columns; an input (with its context) not of the
-                parameters' dtype.
+            TypeError: ``x`` or the context is not a tensor.
+            ValueError: see :func:`check_net_input` (widths, a context where none is
+                expected or none where one is, shapes and batches, dtypes of ``x`` and of
+                the context against the parameters').
         """
-        check_net_input("MLP", x, self.in_features, context, self.context_features)
+        check_net_input("MLP", x, self.in_features, context, self.context_features,
+                        self.packed.dtype)
         if context is not None:
-            if context.shape[0] != x.shape[0]:
-                context = context.expand(x.shape[0], -1)
+            if context.shape[:-1] != x.shape[:-1]:
+                context = context.expand(*x.shape[:-1], -1)
             x = torch.cat([x, context], dim=-1) if self.in_features else context
-        check_net_dtype("MLP", x, self.packed.dtype)
         transposed = use_transposed_output(self) and x.dim() == 2
         if self._plain_relu() and use_relu_node(x, self.acts):
             return _ReluNet.apply(x, self, transposed, None, self.packed)
@@ -338,38 +339,71 @@ _threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
 
 
 def check_net_input(owner: str, x: Tensor, in_features: int, context: Tensor | None,
-                    context_features: int | None) -> None:
-    """Shape checks of a conditioner network's input and context (free under compile).
+                    context_features: int | None, dtype: torch.dtype | None = None) -> None:
+    """Checks of a conditioner network's input and context (shapes and dtypes: free under
+    compile).
+
+    Arguments:
+        owner: the network's name, for the messages.
+        x: ``(..., in_features)``.
+        in_features, context_features: the widths the network expects.
+        context: ``None`` or ``(..., C)`` with the leading dimensions of ``x``, where a
+            dimension of 1 broadcasts.
+        dtype: the parameters' dtype, which ``x`` and the context must have; ``None``
+            skips that check (autocast, which hands layers other dtypes).
 
     Raises:
+        TypeError: ``x`` or the context is not a tensor.
         ValueError: ``x`` without ``in_features`` columns in its last dimension; a context
-            for a network without one, none for one with one, or a context without
-            ``context_features`` columns.
+            for a network without one, none for one with one, a context without
+            ``context_features`` columns or whose leading dimensions are neither those of
+            ``x`` nor 1 (``(batch, C)`` or ``(1, C)`` for ``x`` of shape ``(batch, in)``);
+            ``x`` or the context not of ``dtype``.
     """
-    if x.shape[-1] != in_features:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{owner} expects a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != in_features:
         raise ValueError(f"{owner} expects inputs with {in_features} features in the last "
                          f"dimension, got shape {tuple(x.shape)}")
     if context_features is None:
         if context is not None:
-            raise ValueError(f"{owner} is unconditional but a context of shape "
-                             f"{tuple(context.shape)} was passed")
+            raise ValueError(f"{owner} is unconditional but a context "
+                             f"{_shape_of(context)} was passed")
     elif context is None:
         raise ValueError(f"{owner} is conditional and expects a context with "
                          f"{context_features} features, got context=None")
-    elif context.shape[-1] != context_features:
+    elif not isinstance(context, Tensor):
+        raise TypeError(f"{owner} expects a torch.Tensor context, got {type(context).__name__}")
+    elif context.dim() == 0 or context.shape[-1] != context_features:
         raise ValueError(f"{owner} expects a context with {context_features} features in the "
                          f"last dimension, got shape {tuple(context.shape)}")
+    elif context.dim() != x.dim() or any(c not in (1, n) for c, n in
+                                         zip(context.shape[:-1], x.shape[:-1])):
+        raise ValueError(f"{owner} expects a context whose leading dimensions are those of x "
+                         f"(or 1): x of shape (batch, {in_features}) and a context of shape "
+                         f"(batch, {context_features}) or (1, {context_features}), got "
+                         f"{tuple(x.shape)} and {tuple(context.shape)}")
+    if dtype is not None:
+        check_net_dtype(owner, x, dtype)
+        if context is not None:
+            check_net_dtype(owner, context, dtype, "context")
 
 
-def check_net_dtype(owner: str, x: Tensor, dtype: torch.dtype) -> None:
-    """A conditioner network's input against its parameters' ``dtype``.
+def _shape_of(t) -> str:
+    return f"of shape {tuple(t.shape)}" if isinstance(t, Tensor) else f"({type(t).__name__})"
+
+
+def check_net_dtype(owner: str, x: Tensor, dtype: torch.dtype, what: str = "input") -> None:
+    """A conditioner network's input (or context: ``what``) against its parameters'
+    ``dtype``.
 
     Raises:
         ValueError: ``x`` of another dtype, naming both and the two conversions.
     """
     if x.dtype != dtype:
-        raise ValueError(f"{owner} has {dtype} parameters but its input is {x.dtype}; "
-                         f"convert one of them (x.to({dtype}) or the network's "
+        name = "x" if what == "input" else what
+        raise ValueError(f"{owner} has {dtype} parameters but its {what} is {x.dtype}; "
+                         f"convert one of them ({name}.to({dtype}) or the network's "
                          f".to({x.dtype}))")
 
 

@@ -49,9 +49,11 @@ class MaskedAutoregressive(Transform):
         ``x``: ``(batch, D)``; ``context``: ``(batch, C)``; ``ladj``: ``(batch,)``.
 
     Raises:
+        TypeError: ``made`` (or what its factory returns) is not a
+            :class:`~normflux.nets.MADE`.
         ValueError: ``features`` not an integer >= 1, ``context_features`` neither
             ``None`` nor an integer >= 1, domains the bijection does not support, a MADE of
-            the wrong size, a bad ``order`` (see
+            the wrong size or of another ``context_features``, a bad ``order`` (see
             :func:`~normflux.nets.autoregressive_order`); at call time, a context where
             none is expected (or none where one is, or of the wrong shape or dtype), an
             input not of the parameters' dtype.
@@ -86,9 +88,18 @@ class MaskedAutoregressive(Transform):
                         transposed_output=bijection.batch_minor_params)
         elif not isinstance(made, nn.Module):
             made = made(D, P, context_features, in_idx)  # factory(features, P, C, input_index)
+            if not isinstance(made, MADE):
+                raise TypeError("the made factory must return a MADE, got "
+                                f"{type(made).__name__}")
+        if not isinstance(made, MADE):
+            raise TypeError(f"made must be a MADE, a factory or None, got {type(made).__name__}")
         if made.features != D or made.params_per_feature != P:
             raise ValueError(f"MADE has {made.features} features x {made.params_per_feature} "
                              f"outputs, the layer needs {D} x {P}")
+        if made.context_features != context_features:
+            # else one direction would ignore the context (or lack it) without a word
+            raise ValueError(f"the MADE takes context_features={made.context_features} but "
+                             f"the layer has context_features={context_features}")
         self.made = made
         # every column, in order: the columns of a fused forward (Bijection.fused_coupling)
         self.register_buffer("_all_columns", torch.arange(D), persistent=False)

@@ -346,6 +346,10 @@ class RQSpline(Bijection):
         super().__init__()
         bins = integer("bins", bins, minimum=1)
         tail_bound = real("tail_bound", tail_bound, low=0, low_open=True)
+        min_bin_width, min_bin_height, min_derivative = (
+            real(name, v) for name, v in (("min_bin_width", min_bin_width),
+                                          ("min_bin_height", min_bin_height),
+                                          ("min_derivative", min_derivative)))
         check_floors(bins, min_bin_width, min_bin_height, min_derivative)
         self.bins = int(bins)
         self.tail_bound = float(tail_bound)

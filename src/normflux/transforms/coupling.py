@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import context_width
+from .._checks import context_width, integer
 from ..nets.mlp import MLP
 from .base import Transform
 from .bijections import Bijection
@@ -85,12 +85,17 @@ class Coupling(Transform):
         ``x``: ``(batch, D)``; ``context``: ``(batch, C)``; ``ladj``: ``(batch,)``.
 
     Raises:
+        TypeError: ``bijection`` not a :class:`Bijection`; a ``conditioner`` that is
+            neither ``None``, a module nor a factory, or a factory that returns no module.
         ValueError: a mask with no transformed or no conditioning coordinate, a mask that
-            is not 1-D or has the wrong length, a mask kind without ``features`` (or an
+            is not 1-D, has the wrong length or entries other than booleans (or 0 and 1),
+            ``features`` not an integer >= 2, a mask kind without ``features`` (or an
             unknown kind), domains the bijection does not support, ``context_features``
-            neither ``None`` nor an integer >= 1; at call time, a context where none is
-            expected (or none where one is, or of the wrong shape or dtype), an input not
-            of the parameters' dtype.
+            neither ``None`` nor an integer >= 1, a conditioner whose own
+            ``context_features`` differ; at call time, a context where none is expected
+            (or none where one is, or of the wrong shape or dtype), an input not of the
+            parameters' dtype, a conditioner output of another shape than ``(batch, n_B *
+            bijection.num_params)``.
     """
 
     def __init__(self, bijection: Bijection, conditioner: nn.Module | Callable | None = None,
@@ -100,12 +105,22 @@ class Coupling(Transform):
                  hidden_features: Sequence[int] | int = (64, 64), flip: bool = False,
                  generator: torch.Generator | None = None):
         super().__init__()
+        if not isinstance(bijection, Bijection):
+            raise TypeError("bijection must be a normflux Bijection (Affine, RQSpline, ...), "
+                            f"got {type(bijection).__name__}")
+        if features is not None:
+            features = integer("features", features, minimum=2)
         if isinstance(mask, str):
             if features is None:
                 raise ValueError(f"mask={mask!r} needs features=...")
             mask = make_mask(mask, features, flip=flip, generator=generator)
         else:
-            mask = torch.as_tensor(mask, dtype=torch.bool)
+            mask = torch.as_tensor(mask)
+            if mask.dtype != torch.bool:
+                if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+                    raise ValueError("mask entries must be booleans (or 0 and 1), got "
+                                     f"{mask.tolist()}")
+                mask = mask.bool()
             if flip:
                 mask = ~mask
             if mask.dim() != 1:
@@ -129,7 +144,18 @@ class Coupling(Transform):
             conditioner = MLP(n_in, n_b * P, hidden_features, context_features,
                               transposed_output=bijection.batch_minor_params)
         elif not isinstance(conditioner, nn.Module):
+            if not callable(conditioner):
+                raise TypeError("conditioner must be None, an nn.Module or a factory, got "
+                                f"{type(conditioner).__name__}")
             conditioner = conditioner(n_in, n_b * P, context_features)
+            if not isinstance(conditioner, nn.Module):
+                raise TypeError("the conditioner factory must return an nn.Module, got "
+                                f"{type(conditioner).__name__}")
+        own = getattr(conditioner, "context_features", context_features)
+        if own != context_features:
+            # else the layer would hand it a context it cannot take, or none
+            raise ValueError(f"the conditioner takes context_features={own} but the layer "
+                             f"has context_features={context_features}")
         self.conditioner = conditioner
 
     def _rebuild(self) -> None:
@@ -153,7 +179,15 @@ class Coupling(Transform):
     def _params(self, x_a: Tensor, context: Tensor | None) -> Tensor:
         h = self.spec_a.features(x_a)
         out = self.conditioner(h, context) if self.context_features is not None else self.conditioner(h)
-        return out.view(x_a.shape[0], self.idx_b.numel(), self.num_params)
+        n = x_a.shape[0]
+        width = self.idx_b.numel() * self.num_params
+        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != n \
+                or out.shape[1] != width:
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"the conditioner must return a tensor of shape ({n}, {width}) "
+                             f"(batch, transformed coordinates x parameters each = "
+                             f"{self.idx_b.numel()} x {self.num_params}), got {got}")
+        return out.view(n, self.idx_b.numel(), self.num_params)
 
     def _couple(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         self._check(x, context)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -38,6 +39,11 @@ class Permutation(Transform):
 
     def __init__(self, perm: Tensor | Sequence[int]):
         super().__init__()
+        if isinstance(perm, numbers.Integral) or (isinstance(perm, Tensor) and perm.dim() == 0):
+            raise ValueError(f"Permutation takes the permutation itself (a 1-D sequence of "
+                             f"indices), got the single number {int(perm)}; for a number of "
+                             "features use Permutation.reverse(features) or "
+                             "Permutation.random(features)")
         raw = torch.as_tensor(perm)
         if raw.is_floating_point() and not torch.equal(raw, raw.round()):
             raise ValueError(f"a permutation needs integer indices, got {raw.tolist()}")
