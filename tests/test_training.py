@@ -9,7 +9,7 @@ import torch
 
 from normflux import checkpoint, models, targets
 from normflux.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from normflux.data import load_dataset
+from normflux.data import load_dataset, two_moons
 from normflux.training import DivergenceError, evaluate_nll, fit_to_data, fit_to_target
 
 
@@ -71,6 +71,24 @@ def test_global_rng_untouched_and_progress_off_is_silent(capsys):
     assert torch.equal(torch.random.get_rng_state(), state)
     out, err = capsys.readouterr()
     assert out == "" and err == ""
+
+
+def test_unstandardized_data_for_a_built_model_draws_a_warning(recwarn):
+    """A user's report: build("nsf") fitted to two moons * 50 + 300 kept a flat loss of 1e5
+    nats without a word (its splines are the identity outside [-3, 3])."""
+    data = 50 * two_moons(400, seed=0) + 300
+    flow = models.build("nsf", 2, layers=2, hidden=(8,), seed=0)
+    with pytest.warns(UserWarning, match=r"100% of the data's real-coordinate values lie "
+                      r"outside \[-3, 3\].*standardize=True.*fit_standardization"):
+        fit_to_data(flow, data, epochs=1, progress=False)
+    # standardised data, a set standardisation, or circular coordinates: no warning
+    fit_to_data(flow, (data - data.mean(0)) / data.std(0), epochs=1, progress=False)
+    flow = models.build("nsf", 2, layers=2, hidden=(8,), seed=0, standardize=True)
+    models.fit_standardization(flow, data)
+    fit_to_data(flow, data, epochs=1, progress=False)
+    flow = models.build("nsf", 2, layers=2, hidden=(8,), seed=0, domains=("circle", "circle"))
+    fit_to_data(flow, torch.rand(400, 2) * 6.2 - 3.1, epochs=1, progress=False)
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
 
 
 def test_progress_bar_goes_to_stderr(capsys):
@@ -192,6 +210,8 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_checkpoint_errors(tmp_path):
+    with pytest.raises(TypeError, match=r"takes the path first: save_checkpoint\(path, flow\)"):
+        save_checkpoint(models.build("realnvp", 2, layers=1, hidden=(4,)), tmp_path / "m.pt")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "junk.pt").write_bytes(b"this is not a checkpoint")

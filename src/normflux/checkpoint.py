@@ -98,9 +98,13 @@ def save_checkpoint(path: str | os.PathLike, flow, extra: dict | None = None) ->
         the path written, as a :class:`pathlib.Path`.
 
     Raises:
-        TypeError: ``flow`` has no ``config`` or ``extra`` holds an unsupported type.
+        TypeError: the arguments in ``torch.save``'s order (the flow first), ``flow`` has
+            no ``config`` or ``extra`` holds an unsupported type.
         OSError: the file cannot be written.
     """
+    if isinstance(path, torch.nn.Module) and isinstance(flow, (str, os.PathLike)):
+        raise TypeError("save_checkpoint takes the path first: save_checkpoint(path, flow) "
+                        "(torch.save takes the object first)")
     config = getattr(flow, "config", None)
     if not isinstance(config, dict):
         raise TypeError("save_checkpoint needs a flow built by normflux.models.build "

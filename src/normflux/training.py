@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -258,6 +259,14 @@ def fit_to_data(flow: nn.Module, data: Tensor, context: Tensor | None = None, *,
         progress: show a tqdm progress bar on stderr.
         callback: ``callback(epoch, history)`` after every epoch.
 
+    The flow trains in training mode and gets its own mode back at the end (a new module
+    is in training mode): call ``flow.eval()`` before evaluating a flow with
+    :class:`~normflux.transforms.BatchNorm` layers, which normalise with the batch's own
+    statistics in training mode. A model of :func:`normflux.models.build` expects
+    standardised data: a ``UserWarning`` says so when more than 10 % of the real
+    coordinates' values lie outside its ``[-tail_bound, tail_bound]`` while its
+    standardisation is unset (see :func:`normflux.models.fit_standardization`).
+
     Returns:
         ``history``: a dict with ``train_loss`` and ``val_loss`` (per epoch, nats per
         example), ``lr`` (per epoch), ``best_epoch`` (1-based), ``best_val_loss``,
@@ -317,6 +326,7 @@ def fit_to_data(flow: nn.Module, data: Tensor, context: Tensor | None = None, *,
         if val_context is not None:
             _check_finite(val_context, "val_context")
     dtype, device = _param_info(flow)
+    _warn_if_not_standardized(flow, data)
     gen = torch.Generator().manual_seed(seed)
     if val_data is not None:
         train_x, train_c = data, context
@@ -398,6 +408,43 @@ def fit_to_data(flow: nn.Module, data: Tensor, context: Tensor | None = None, *,
         flow.load_state_dict(best_state)
     history["seconds"] = time.perf_counter() - t0
     return history
+
+
+#: fraction of a model's real-coordinate data values outside its box that draws the warning
+_OUTSIDE_WARNING = 0.1
+
+
+def _warn_if_not_standardized(flow: nn.Module, data: Tensor) -> None:
+    """Warn when a model of :func:`normflux.models.build` whose standardisation is not set
+    (or absent) is fitted to data whose real coordinates lie mostly outside its box
+    ``[-tail_bound, tail_bound]``: its spline layers are the identity there, and such a
+    fit ends where it started, without a word (a user's report: a flat loss of 1e5 nats
+    on two moons scaled by 50)."""
+    from .models import domains_from_config  # models imports this module's users
+
+    config, standardizer = getattr(flow, "config", None), getattr(flow, "standardizer", None)
+    if not isinstance(config, dict) or "tail_bound" not in config or not callable(standardizer):
+        return
+    layer = standardizer()
+    if layer is not None and not (bool((layer.mean == 0).all()) and bool((layer.std == 1).all())):
+        return  # set by fit_standardization
+    real_cols = [i for i, d in enumerate(domains_from_config(config.get("domains"),
+                                                                config["features"]))
+                 if d.kind == "real"]
+    x = data.reshape(data.shape[0], -1)
+    if not real_cols or x.shape[1] != config["features"]:
+        return  # the flow will name a wrong shape itself
+    x = x[:, real_cols].double()
+    bound = float(config["tail_bound"])
+    outside = float((x.abs() > bound).double().mean())
+    if outside > _OUTSIDE_WARNING:
+        warnings.warn(
+            f"{100 * outside:.0f}% of the data's real-coordinate values lie outside "
+            f"[-{bound:g}, {bound:g}]: the models of normflux.models.build expect standardised "
+            "data (their spline layers are the identity outside that box, and such a fit "
+            "learns little); build the model with standardize=True and call "
+            "normflux.models.fit_standardization(flow, data) first, as `normflux train` does",
+            UserWarning, stacklevel=3)
 
 
 def fit_to_target(flow: nn.Module, target, *, steps: int = 1000, batch_size: int = 256,
