@@ -121,7 +121,8 @@ def test_sample_csv_then_eval_it(moons, tmp_path):
     assert lines[0] == "x0,x1" and len(lines) == 8
     # the samples file is valid input for eval (all rows)
     ev2 = ok_json(run("eval", out / "model.pt", "--data", tmp_path / "s.csv", "--split", "all"))
-    assert ev2["n"] == 7 and math.isfinite(ev2["test_nll"])
+    assert ev2["n"] == 7 and math.isfinite(ev2["all_nll"]) and ev2["nll"] == ev2["all_nll"]
+    assert "test_nll" not in ev2  # it named the whole file's NLL before
 
 
 def test_wrong_dimension_for_checkpoint(moons, tmp_path):

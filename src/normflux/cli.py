@@ -343,8 +343,9 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     """``normflux eval``: the NLL of a checkpoint on a data set or file.
 
-    Prints one JSON line with the NLL in nats per example (key ``test_nll`` whatever the
-    split) and bits/dim where the data set defines it.
+    Prints one JSON line with the NLL in nats per example, under ``nll`` and under the
+    split's own key (``test_nll`` for the default split, as ``train`` prints it,
+    ``train_nll``, ``all_nll``), and bits/dim where the data set defines it.
 
     Returns:
         0.
@@ -376,7 +377,8 @@ def cmd_eval(args) -> int:
                           if ds.context_features else ""))
     x, c = ds.split(args.split, seed=args.seed)
     nll = evaluate_nll(flow, x, c)
-    record = {"data": args.data, "split": args.split, "test_nll": nll, "n": int(x.shape[0])}
+    record = {"data": args.data, "split": args.split, "nll": nll, f"{args.split}_nll": nll,
+              "n": int(x.shape[0])}
     if ds.bits_per_dim is not None:
         record["bits_per_dim"] = float(ds.bits_per_dim(nll))
     _emit(record)
