@@ -96,8 +96,10 @@ class TwoMoons(Target):
     """Unnormalised two-moons energy of Rezende & Mohamed (2015, Table 1, ``U_1``)-style.
 
     ``log p~(x) = -0.5 ((|x| - 2) / 0.2)^2 - 0.5 ((|x_0| - 2) / 0.3)^2
-    + log(1 + exp(-4 |x_0| / 0.09))``, as in normflows' ``TwoMoons`` target. No exact
-    sampler; ``log_normalizer`` is unknown (``None``).
+    + log(1 + exp(-4 |x_0| / 0.09))``, as in normflows' ``TwoMoons`` target: a ring of
+    radius 2 cut into two arcs, not the two-moons data set of
+    :func:`normflux.data.two_moons` (scikit-learn's half circles). No exact sampler;
+    ``log_normalizer`` is unknown (``None``). Takes no arguments.
 
     Shapes:
         ``log_prob(x (batch, 2)) -> (batch,)`` (nats, unnormalised).
@@ -108,6 +110,9 @@ class TwoMoons(Target):
     """
 
     dim = 2
+
+    def __init__(self):
+        super().__init__()
 
     def log_prob(self, x: Tensor) -> Tensor:
         _check(x, 2, "TwoMoons")
