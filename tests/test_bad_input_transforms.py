@@ -147,7 +147,7 @@ def test_conditioners_of_the_wrong_kind_or_output_are_named():
     x = torch.randn(5, 4)
     layer = nf.Coupling(nf.Affine(), MLP(2, 3, (8,)), mask="alternating", features=4)
     with pytest.raises(ValueError, match=r"conditioner must return a tensor of shape \(5, 4\) "
-                       r".*2 x 2\), got \(5, 3\)"):
+                       r".*2 x 2\) or \(5, 2, 2\), got \(5, 3\)"):
         layer(x)
 
     class Pair(torch.nn.Module):
@@ -155,6 +155,17 @@ def test_conditioners_of_the_wrong_kind_or_output_are_named():
             return h, h
     with pytest.raises(ValueError, match=r"shape \(5, 4\).*got tuple"):
         nf.Coupling(nf.Affine(), Pair(), mask="alternating", features=4)(x)
+
+    class Shaped(torch.nn.Module):  # (batch, n_B, P) is accepted as well
+        def __init__(self):
+            super().__init__()
+            self.net = MLP(2, 4, (8,), zero_init=False)
+
+        def forward(self, h):
+            return self.net(h).view(-1, 2, 2)
+    shaped = nf.Coupling(nf.Affine(), Shaped(), mask="alternating", features=4)
+    flat = nf.Coupling(nf.Affine(), shaped.conditioner.net, mask="alternating", features=4)
+    assert torch.equal(shaped(x)[0], flat(x)[0])
 
 
 @pytest.mark.parametrize("net", ["mlp", "made"])

@@ -95,7 +95,7 @@ class Coupling(Transform):
             ``context_features`` differ; at call time, a context where none is expected
             (or none where one is, or of the wrong shape or dtype), an input not of the
             parameters' dtype, a conditioner output of another shape than ``(batch, n_B *
-            bijection.num_params)``.
+            bijection.num_params)`` or ``(batch, n_B, bijection.num_params)``.
     """
 
     def __init__(self, bijection: Bijection, conditioner: nn.Module | Callable | None = None,
@@ -179,15 +179,13 @@ class Coupling(Transform):
     def _params(self, x_a: Tensor, context: Tensor | None) -> Tensor:
         h = self.spec_a.features(x_a)
         out = self.conditioner(h, context) if self.context_features is not None else self.conditioner(h)
-        n = x_a.shape[0]
-        width = self.idx_b.numel() * self.num_params
-        if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != n \
-                or out.shape[1] != width:
+        n, n_b, P = x_a.shape[0], self.idx_b.numel(), self.num_params
+        if not isinstance(out, Tensor) or tuple(out.shape) not in ((n, n_b * P), (n, n_b, P)):
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(f"the conditioner must return a tensor of shape ({n}, {width}) "
+            raise ValueError(f"the conditioner must return a tensor of shape ({n}, {n_b * P}) "
                              f"(batch, transformed coordinates x parameters each = "
-                             f"{self.idx_b.numel()} x {self.num_params}), got {got}")
-        return out.view(n, self.idx_b.numel(), self.num_params)
+                             f"{n_b} x {P}) or ({n}, {n_b}, {P}), got {got}")
+        return out.view(n, n_b, P)
 
     def _couple(self, x: Tensor, context: Tensor | None, inverse: bool) -> tuple[Tensor, Tensor]:
         self._check(x, context)
