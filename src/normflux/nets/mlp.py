@@ -324,15 +324,14 @@ def plain_module(m: nn.Module) -> bool:
 
 
 _MODULE = torch.nn.modules.module
-_GLOBAL_HOOKS = tuple(getattr(_MODULE, name, {}) for name in (
-    "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
-    "_global_backward_pre_hooks"))
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks",
+                 "_global_backward_hooks", "_global_backward_pre_hooks")
 
 
 def _global_module_hooks() -> bool:
     """Whether a hook for every module is registered (``register_module_forward_hook``
-    and the like)."""
-    return any(_GLOBAL_HOOKS)
+    and the like; the registries are looked up at each call, in case torch rebinds them)."""
+    return any(getattr(_MODULE, name, None) for name in _GLOBAL_HOOKS)
 
 
 _threshold_backward_ = torch.ops.aten.threshold_backward.grad_input
