@@ -33,9 +33,9 @@ class Flow(nn.Module):
 
     Raises (from every method):
         ValueError: ``x`` with the wrong event shape, dtype, device or NaN; a context of
-            the wrong shape, dtype or device, with NaN, one passed to an unconditional flow, or none for a
-            conditional one — each message names what was expected and what was
-            received. These checks run before any computation (the NaN checks are
+            the wrong shape, dtype or device, with NaN, one passed to an unconditional
+            flow, or none for a conditional one — each message names what was expected
+            and what was received. These checks run before any computation (the NaN checks are
             skipped inside ``torch.compile``). At construction: ``transform``, ``base``
             and ``context_features`` that disagree on the context width, or a
             ``context_features`` that is not an integer >= 1.

@@ -73,7 +73,6 @@ def check_context(context: Tensor | None, context_features: int | None, batch: i
                          f"size {batch}; they must match (or the context batch must be 1)")
 
 
-
 class Transform(nn.Module):
     """Base class of every invertible transform.
 
