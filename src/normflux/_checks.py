@@ -8,7 +8,8 @@ import weakref
 
 from ._tracing import is_compiling
 
-__all__ = ["context_width", "first_float_parameter", "flag", "integer", "real"]
+__all__ = ["context_width", "first_float_parameter", "flag", "integer", "real",
+           "same_context_width"]
 
 
 def integer(name: str, value, minimum: int | None = None) -> int:
@@ -63,6 +64,19 @@ def context_width(value) -> int | None:
         ValueError: anything else (``0``, negative, non-integral).
     """
     return None if value is None else integer("context_features", value, minimum=1)
+
+
+def same_context_width(what: str, own: int | None, layer: int | None) -> None:
+    """A layer's conditioner network (``what``: ``"conditioner"``, ``"MADE"``) must take the
+    context the layer hands it: else one direction would ignore the context, or lack it,
+    without a word.
+
+    Raises:
+        ValueError: ``own`` (the network's ``context_features``) differs from ``layer``'s.
+    """
+    if own != layer:
+        raise ValueError(f"the {what} takes context_features={own} but the layer has "
+                         f"context_features={layer}")
 
 
 def flag(name: str, value) -> bool:

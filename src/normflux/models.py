@@ -118,6 +118,11 @@ class Standardize(Transform):
         self.register_buffer("is_real", torch.tensor([d.kind == "real" for d in domains]),
                              persistent=False)
 
+    def is_identity(self) -> bool:
+        """Whether the layer is still the identity (``mean = 0``, ``std = 1``: no
+        statistics set, or data that was already standardised)."""
+        return bool((self.mean == 0).all()) and bool((self.std == 1).all())
+
     @torch.no_grad()
     def set_stats(self, data: Tensor, eps: float = 1e-6) -> "Standardize":
         """Set ``mean``/``std`` from ``data`` ``(N, D)`` (real coordinates only; std >= eps).

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ._checks import integer, real
+from .models import domains_from_config
 
 __all__ = ["DivergenceError", "fit_to_data", "fit_to_target", "evaluate_nll", "make_optimizer"]
 
@@ -420,13 +421,11 @@ def _warn_if_not_standardized(flow: nn.Module, data: Tensor) -> None:
     ``[-tail_bound, tail_bound]``: its spline layers are the identity there, and such a
     fit ends where it started, without a word (a user's report: a flat loss of 1e5 nats
     on two moons scaled by 50)."""
-    from .models import domains_from_config  # models imports this module's users
-
     config, standardizer = getattr(flow, "config", None), getattr(flow, "standardizer", None)
     if not isinstance(config, dict) or "tail_bound" not in config or not callable(standardizer):
         return
     layer = standardizer()
-    if layer is not None and not (bool((layer.mean == 0).all()) and bool((layer.std == 1).all())):
+    if layer is not None and not layer.is_identity():
         return  # set by fit_standardization
     real_cols = [i for i, d in enumerate(domains_from_config(config.get("domains"),
                                                                 config["features"]))

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import context_width, integer
+from .._checks import context_width, integer, same_context_width
 from ..nets.made import MADE
 from .base import Transform
 from .bijections import Bijection
@@ -96,10 +96,7 @@ class MaskedAutoregressive(Transform):
         if made.features != D or made.params_per_feature != P:
             raise ValueError(f"MADE has {made.features} features x {made.params_per_feature} "
                              f"outputs, the layer needs {D} x {P}")
-        if made.context_features != context_features:
-            # else one direction would ignore the context (or lack it) without a word
-            raise ValueError(f"the MADE takes context_features={made.context_features} but "
-                             f"the layer has context_features={context_features}")
+        same_context_width("MADE", made.context_features, context_features)
         self.made = made
         # every column, in order: the columns of a fused forward (Bijection.fused_coupling)
         self.register_buffer("_all_columns", torch.arange(D), persistent=False)

@@ -7,7 +7,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .._checks import context_width, integer
+from .._checks import context_width, integer, same_context_width
 from ..nets.mlp import MLP
 from .base import Transform
 from .bijections import Bijection
@@ -151,11 +151,8 @@ class Coupling(Transform):
             if not isinstance(conditioner, nn.Module):
                 raise TypeError("the conditioner factory must return an nn.Module, got "
                                 f"{type(conditioner).__name__}")
-        own = getattr(conditioner, "context_features", context_features)
-        if own != context_features:
-            # else the layer would hand it a context it cannot take, or none
-            raise ValueError(f"the conditioner takes context_features={own} but the layer "
-                             f"has context_features={context_features}")
+        same_context_width("conditioner", getattr(conditioner, "context_features",
+                                                  context_features), context_features)
         self.conditioner = conditioner
 
     def _rebuild(self) -> None:
