@@ -95,8 +95,9 @@ def all_finite(t) -> bool:
 
     The sum first: one pass that is NaN or infinite whenever an entry is, and finite
     otherwise unless it overflows; only then the entries themselves (``torch.isfinite``
-    is five passes, 50 us of a 10 ms train step on 1024 x 16 inputs)."""
-    return bool(t.sum().isfinite()) or bool(t.isfinite().all())
+    is five passes, 50 us of a 10 ms train step on 1024 x 16 inputs; on the 0-d sum it
+    is still five small ops, where ``math.isfinite`` of its value is none)."""
+    return math.isfinite(t.sum().item()) or bool(t.isfinite().all())
 
 
 # module -> (weak owner, name, weak parameter): see first_float_parameter

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._checks import context_width, integer
+from . import native_made
 from .mlp import (
     _autocast,
     _linear_t,
@@ -102,10 +103,14 @@ class _MaskedReluLayers:
     ``W * M`` from the parameters ``(W_1, b_1, W_2, b_2, ...)``, and the gradients of
     ``W`` masked in turn."""
 
-    __slots__ = ("masks",)
+    __slots__ = ("masks", "native")
 
-    def __init__(self, masks: list[Tensor]):
+    def __init__(self, masks: list[Tensor], native: bool = False):
         self.masks = masks
+        self.native = native  # the layers in the C kernel (nets/native_made.py)
+
+    def _native_layers(self, params):
+        return [(w, b, m) for m, w, b in zip(self.masks, params[0::2], params[1::2])]
 
     def _relu_layers(self, params):
         return [(w * m, b) for m, w, b in zip(self.masks, params[0::2], params[1::2])]
@@ -119,13 +124,40 @@ class _MaskedReluLayers:
             g_w.mul_(m)
 
 
+def _mask_degrees(made: "MADE") -> list[Tensor]:
+    """The degrees of each hidden layer's units as its masks say: a unit's degree is the
+    largest degree among the units (inputs, for the first layer) it sees, 0 when it sees
+    none. That is the degree it was built with whenever every degree below it is present
+    in the layer before; otherwise a smaller one that admits the same inputs, so the
+    prefixes of :meth:`MADE.sequential_params` still contain every unit that matters."""
+    deg = made.degrees.cpu()
+    prev = deg if made._input_index is None else deg[made._input_index]
+    out = []
+    layers = [made.first] + [m for m in made.body if isinstance(m, MaskedLinear)]
+    for lin in layers[:len(made._hidden_deg)]:
+        sees = lin.mask.detach().cpu() != 0
+        prev = torch.where(sees, prev[None, :], 0).amax(dim=1) if sees.shape[1] else (
+            torch.zeros(sees.shape[0], dtype=torch.long))
+        out.append(prev)
+    while len(out) < len(made._hidden_deg):  # residual blocks keep the first layer's degrees
+        out.append(out[0])
+    return out
+
+
 def _refresh_caches(made: "MADE", incompatible_keys=None) -> None:
     """Cache, as Python lists (free under ``torch.compile``), the generation order and how
-    many units of each hidden layer have a degree below each input's degree; again after
-    ``load_state_dict`` (a loaded random order), whether it is called on the MADE or on a
+    many units of each hidden layer have a degree below each input's degree, with the
+    hidden units' degrees read from the masks (:func:`_mask_degrees`) and their order of
+    degree in the buffers ``_unit_order<l>``; again after ``load_state_dict`` (a loaded
+    random order, or the masks of a checkpoint whose units are in another order: before
+    version 0.2 they cycled through the degrees), whether it is called on the MADE or on a
     module that contains it."""
     deg = made.degrees.cpu()
     made.generation_order = torch.argsort(deg, stable=True).tolist()
+    made._hidden_deg = _mask_degrees(made)
+    for layer, d in enumerate(made._hidden_deg):
+        order = getattr(made, f"_unit_order{layer}")
+        order.copy_(torch.argsort(d, stable=True).to(order.device))
     made._counts = [torch.searchsorted(d.sort().values, deg).tolist() for d in made._hidden_deg]
 
 
@@ -211,9 +243,11 @@ class MADE(nn.Module):
         self.in_features = in_deg.numel()
 
         def hidden_degrees(H: int) -> Tensor:
+            # in order of degree, so that every mask is a staircase, which the C kernel
+            # (native_made) multiplies block by block
             if D == 1:
                 return torch.zeros(H, dtype=torch.long)
-            return torch.arange(H) % (D - 1) + 1
+            return torch.sort(torch.arange(H) % (D - 1) + 1).values
 
         # for the prefix passes of :meth:`sequential_params`: each hidden layer's units in
         # order of degree (non-persistent: a function of D and the widths) and, refreshed
@@ -222,8 +256,8 @@ class MADE(nn.Module):
         for layer, d in enumerate(self._hidden_deg):
             self.register_buffer(f"_unit_order{layer}", torch.argsort(d, stable=True),
                                  persistent=False)
-        _refresh_caches(self)
-        self.register_load_state_dict_post_hook(_refresh_caches)
+        # the input columns' coordinates, for the masks' degrees (a list: not a tensor attribute)
+        self._input_index = None if input_index is None else input_index.tolist()
         h_deg = self._hidden_deg[0]
         self.first = MaskedLinear(self.in_features, hidden[0], (h_deg[:, None] >= in_deg[None, :]).float())
         self.context_layer = (nn.Linear(context_features, hidden[0], bias=False)
@@ -246,6 +280,8 @@ class MADE(nn.Module):
         if zero_init:
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+        _refresh_caches(self)
+        self.register_load_state_dict_post_hook(_refresh_caches)
 
     def hidden(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """The last hidden layer, ``(batch, H)``.
@@ -282,9 +318,11 @@ class MADE(nn.Module):
             extra = None
             if self.context_layer is not None and context is not None:
                 extra = self.context_layer(context).expand(x.shape[0], -1)
-            out = _ReluNet.apply(x, _MaskedReluLayers([lin.mask for lin in linears]),
-                                 use_transposed_output(self), extra,
-                                 *[p for lin in linears for p in (lin.weight, lin.bias)])
+            params = [p for lin in linears for p in (lin.weight, lin.bias)]
+            transposed = use_transposed_output(self)
+            native = not transposed and native_made.usable(x, extra, *params)
+            out = _ReluNet.apply(x, _MaskedReluLayers([lin.mask for lin in linears], native),
+                                 transposed, extra, *params)
             return out.view(x.shape[0], self.features, self.params_per_feature)
         h = self.hidden(x, context)
         if use_transposed_output(self):

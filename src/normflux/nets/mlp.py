@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from .._checks import context_width, integer
 from .._tracing import is_compiling
 from ..transforms._first_order import reference_backward, reference_grads, use_reference
+from . import native_made
 
 __all__ = ["MLP"]
 
@@ -230,6 +231,12 @@ class _ReluNet(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, net, transposed, extra, *params):
+        ctx.net, ctx.transposed, ctx.n_params = net, transposed, len(params)
+        if getattr(net, "native", False):  # a MADE's masked layers in the C kernel
+            out, hs = native_made.forward(x, net._native_layers(params), extra)
+            ctx.save_for_backward(extra, *params, *hs)
+            ctx.n_layers = 0  # no weight products kept
+            return out
         layers = net._relu_layers(params)
         hs = [x]
         for j, (w, b) in enumerate(layers[:-1]):
@@ -238,8 +245,7 @@ class _ReluNet(torch.autograd.Function):
                 h.add_(extra)
             hs.append(h.relu_())
         ctx.save_for_backward(extra, *params, *[w for w, _ in layers], *hs)
-        ctx.net, ctx.transposed = net, transposed
-        ctx.n_params, ctx.n_layers = len(params), len(layers)
+        ctx.n_layers = len(layers)
         return _linear_t(hs[-1], *layers[-1]) if transposed else _affine_layer(
             hs[-1], *layers[-1])
 
@@ -254,6 +260,11 @@ class _ReluNet(torch.autograd.Function):
                 lambda x, e, *p: (relu_reference(net._relu_layers(p), x, e, ctx.transposed),),
                 (hs[0], extra, *params), (g,))
             return grads[0], None, None, *grads[1:]
+        if not L:  # the C kernel's forward
+            g_x, g_extra, g_params = native_made.backward(
+                g, list(hs), net._native_layers(params), ctx.needs_input_grad[0],
+                ctx.needs_input_grad[3])
+            return g_x, None, None, g_extra, *g_params
         g_params, g_layers = net._relu_grads(params)
         g_x = g_extra = None
         for j in range(len(weights) - 1, -1, -1):

@@ -1,8 +1,9 @@
 """The C kernels for CPU tensors, built at first use.
 
 ``rq_kernel.c`` is the RQ spline (:mod:`~normflux.transforms.native_spline`),
-``affine_kernel.c`` the affine coupling (:mod:`~normflux.transforms.native_affine`); both
-are shipped beside this module and compiled into one shared library.
+``affine_kernel.c`` the affine coupling (:mod:`~normflux.transforms.native_affine`),
+``masked_kernel.c`` a MADE's masked layers (:mod:`~normflux.nets.native_made`); all are
+shipped beside this module and compiled into one shared library.
 
 The library is compiled with the system's C compiler (``$CC``, else ``cc``, ``gcc`` or
 ``clang``) the first time a process needs it, and cached in ``$NORMFLUX_CACHE`` (default
@@ -33,8 +34,9 @@ from .._tracing import constant_when_traced
 __all__ = ["available", "library"]
 
 _log = logging.getLogger(__name__)
-#: the kernels, compiled into one library: the RQ spline and the affine coupling
-_SOURCES = tuple(Path(__file__).with_name(f) for f in ("rq_kernel.c", "affine_kernel.c"))
+#: the kernels, compiled into one library: the RQ spline, the affine coupling, MADE layers
+_SOURCES = tuple(Path(__file__).with_name(f)
+                 for f in ("rq_kernel.c", "affine_kernel.c", "masked_kernel.c"))
 # First the vectorised build (-march=native; GCC calls glibc's libmvec for the SIMD
 # exp/log, Clang the scalar ones), then plainer ones. Flags keep IEEE semantics: no
 # -ffast-math, no FMA contraction (ISO C mode implies it for GCC, not for Clang).
@@ -198,3 +200,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.nfx_affine_coupling_backward.argtypes = [i, i64, i64, i64, p, p, p, p, p, p, d, p, p]
     for fn in (lib.nfx_affine_coupling_forward, lib.nfx_affine_coupling_backward):
         fn.restype = None
+    lib.nfx_masked_available.argtypes = []
+    lib.nfx_masked_available.restype = i
+    lib.nfx_masked_forward.argtypes = [i64, i64, i64, p, p, p, p, p, i64, i, p]
+    lib.nfx_masked_forward.restype = i
+    lib.nfx_masked_grad_input.argtypes = [i64, i64, i64, p, p, p, p, p]
+    lib.nfx_masked_grad_input.restype = i
+    lib.nfx_masked_grad_weight.argtypes = [i64, i64, i64, p, p, p, p, p]
+    lib.nfx_masked_grad_weight.restype = i
