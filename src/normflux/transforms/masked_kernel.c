@@ -37,34 +37,59 @@ enum { EPI_STORE, EPI_BIAS, EPI_BIAS_RELU, EPI_RELU_GRAD, EPI_MASK };
 
 #define REPEAT12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
 
-/* C[i, 0:width] = epilogue(sum_{k < K} A[i * ars + k * aks] B[k * bks + 0:width]) for
- * i < mr, the columns beyond width masked out (m0, m1). E is the epilogue's operand: the
- * bias (a row, and the extra term X with row stride ldx when X is not null), the ReLU's
- * input h (row stride lde: the gradient passes where !(h <= 0), as torch's
- * threshold_backward) or the mask (row stride lde). mr, nv and epi are constants after
- * inlining: one specialised loop per case, the accumulators in registers. */
+/* C[i, 0:width] = epilogue(sum_k A[i * ars + k * aks] B[k * bks + 0:width]) for i < mr,
+ * the columns beyond width masked out (m0, m1), the sum over k in r[0] <= k < r[1] for
+ * the first vector of 16 columns and r[2] <= k < r[3] for the second (each vector's
+ * range where its part of the mask is not zero: outside it the products are zero). E is
+ * the epilogue's operand: the bias (a row, and the extra term X with row stride ldx when
+ * X is not null), the ReLU's input h (row stride lde: the gradient passes where
+ * !(h <= 0), as torch's threshold_backward) or the mask (row stride lde). mr, nv and epi
+ * are constants after inlining: one specialised loop per case, the accumulators in
+ * registers. */
 static inline __attribute__((always_inline)) void
-tile(const int mr, const int nv, const int epi, int64_t K, const float *A, int64_t ars,
+tile(const int mr, const int nv, const int epi, const int64_t *r, const float *A, int64_t ars,
      int64_t aks, const float *B, int64_t bks, float *C, int64_t ldc, __mmask16 m0,
      __mmask16 m1, const float *E, int64_t lde, const float *X, int64_t ldx) {
     const __m512 zero = _mm512_setzero_ps();
 #define DECL(i) __m512 c0_##i = zero, c1_##i = zero;
     REPEAT12(DECL)
 #undef DECL
-    for (int64_t k = 0; k < K; k++) {
-        const float *b = B + k * bks;
-        const __m512 b0 = _mm512_maskz_loadu_ps(m0, b);
-        const __m512 b1 = nv == 2 ? _mm512_maskz_loadu_ps(m1, b + 16) : b0;
-        const float *a = A + k * aks;
 #define STEP(i)                                                                            \
         if (i < mr) {                                                                      \
             const __m512 av = _mm512_set1_ps(a[i * ars]);                                  \
-            c0_##i = _mm512_fmadd_ps(av, b0, c0_##i);                                      \
-            if (nv == 2) c1_##i = _mm512_fmadd_ps(av, b1, c1_##i);                         \
+            if (u0) c0_##i = _mm512_fmadd_ps(av, b0, c0_##i);                              \
+            if (u1) c1_##i = _mm512_fmadd_ps(av, b1, c1_##i);                              \
         }
-        REPEAT12(STEP)
-#undef STEP
+#define KLOOP(FROM, TO, U0, U1)                                                            \
+    {                                                                                      \
+        const int u0 = (U0), u1 = (U1);                                                    \
+        for (int64_t k = (FROM); k < (TO); k++) {                                          \
+            const float *b = B + k * bks;                                                  \
+            const __m512 b0 = u0 ? _mm512_maskz_loadu_ps(m0, b) : zero;                    \
+            const __m512 b1 = u1 ? _mm512_maskz_loadu_ps(m1, b + 16) : zero;               \
+            const float *a = A + k * aks;                                                  \
+            REPEAT12(STEP)                                                                 \
+        }                                                                                  \
     }
+    if (nv == 1 || r[2] >= r[3]) {
+        KLOOP(r[0], r[1], 1, 0)
+    } else if (r[0] >= r[1]) {
+        KLOOP(r[2], r[3], 0, 1)
+    } else {
+        const int64_t both_lo = r[0] > r[2] ? r[0] : r[2], both_hi = r[1] < r[3] ? r[1] : r[3];
+        if (both_lo >= both_hi) { /* disjoint ranges */
+            KLOOP(r[0], r[1], 1, 0)
+            KLOOP(r[2], r[3], 0, 1)
+        } else {
+            if (r[0] < both_lo) KLOOP(r[0], both_lo, 1, 0)
+            if (r[2] < both_lo) KLOOP(r[2], both_lo, 0, 1)
+            KLOOP(both_lo, both_hi, 1, 1)
+            if (r[1] > both_hi) KLOOP(both_hi, r[1], 1, 0)
+            if (r[3] > both_hi) KLOOP(both_hi, r[3], 0, 1)
+        }
+    }
+#undef KLOOP
+#undef STEP
     __m512 e0 = zero, e1 = zero;
     if (epi == EPI_BIAS || epi == EPI_BIAS_RELU) {
         e0 = _mm512_maskz_loadu_ps(m0, E);
@@ -106,7 +131,7 @@ tile(const int mr, const int nv, const int epi, int64_t K, const float *A, int64
 
 #define TILE_CASE(R, NV, EPI)                                                              \
     case R:                                                                                \
-        tile(R, NV, EPI, K, A, ars, aks, B, bks, C, ldc, m0, m1, E, lde, X, ldx);          \
+        tile(R, NV, EPI, r, A, ars, aks, B, bks, C, ldc, m0, m1, E, lde, X, ldx);          \
         break;
 #define TILE_SWITCH(NV, EPI)                                                               \
     switch (mr) {                                                                          \
@@ -125,8 +150,8 @@ tile(const int mr, const int nv, const int epi, int64_t K, const float *A, int64
     case EPI_MASK: TILE_SWITCH(NV, EPI_MASK)                                               \
     }
 
-/* a tile of mr <= MR rows and width <= NR columns */
-static void run_tile(int mr, int width, int epi, int64_t K, const float *A, int64_t ars,
+/* a tile of mr <= MR rows and width <= NR columns, r[0..3] the vectors' ranges of k */
+static void run_tile(int mr, int width, int epi, const int64_t *r, const float *A, int64_t ars,
                      int64_t aks, const float *B, int64_t bks, float *C, int64_t ldc,
                      const float *E, int64_t lde, const float *X, int64_t ldx) {
     const __mmask16 m0 = width >= 16 ? 0xFFFF : (__mmask16)((1u << width) - 1);
@@ -142,18 +167,20 @@ static void run_tile(int mr, int width, int epi, int64_t K, const float *A, int6
 /* Packs W * M (W, M: (rows, cols) row-major) into panels of NR consecutive "outer"
  * indices by "inner" index, zero-padded: P[p][inner][j] for outer = p * NR + j. With
  * by_row, outer is the row (the forward's W^T), else the column (the input gradient's W).
- * lo[p], hi[p]: the range of inner indices where the panel's part of M is not all zero
- * (lo = hi = 0 for an all-zero panel). Returns the buffer (free it) or null. */
+ * r[4 p + 2 v], r[4 p + 2 v + 1]: the range of inner indices where the part of M under
+ * the panel's vector v (16 outer indices) is not all zero (0, 0 where it is all zero),
+ * as tile() reads them. Returns the buffer (free it) or null. */
 static float *pack(int64_t rows, int64_t cols, const float *w, const float *mask, int by_row,
-                   int64_t *lo, int64_t *hi) {
+                   int64_t *r) {
     const int64_t outer = by_row ? rows : cols, inner = by_row ? cols : rows;
     const int64_t np = (outer + NR - 1) / NR;
     float *P = aligned_alloc(64, (size_t)(np * inner * NR) * sizeof(float));
     if (!P) return NULL;
+    const __m512 zero = _mm512_setzero_ps();
     for (int64_t p = 0; p < np; p++) {
         const int64_t o0 = p * NR, width = outer - o0 < NR ? outer - o0 : NR;
         float *Pp = P + p * inner * NR;
-        int64_t l = inner, h = 0;
+        int64_t l[2] = {inner, inner}, h[2] = {0, 0};
         if (by_row) { /* W^T: row o0 + j of W is column j of the panel */
             for (int64_t j = 0; j < NR; j++) {
                 if (j >= width) {
@@ -166,8 +193,9 @@ static float *pack(int64_t rows, int64_t cols, const float *w, const float *mask
                 while (a < b && mr[a] == 0.0f) a++;
                 while (b > a && mr[b - 1] == 0.0f) b--;
                 if (a < b) {
-                    if (a < l) l = a;
-                    if (b > h) h = b;
+                    const int v = j >= 16;
+                    if (a < l[v]) l[v] = a;
+                    if (b > h[v]) h[v] = b;
                 }
             }
         } else { /* W: columns o0 .. o0 + width of each row */
@@ -176,18 +204,26 @@ static float *pack(int64_t rows, int64_t cols, const float *w, const float *mask
                                  : width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : 0;
             for (int64_t t = 0; t < inner; t++) {
                 const float *wr = w + t * cols + o0, *mr = mask + t * cols + o0;
-                const __m512 k0 = _mm512_maskz_loadu_ps(m0, mr), k1 = _mm512_maskz_loadu_ps(m1, mr + 16);
+                const __m512 k0 = _mm512_maskz_loadu_ps(m0, mr);
+                const __m512 k1 = _mm512_maskz_loadu_ps(m1, mr + 16);
                 _mm512_store_ps(Pp + t * NR, _mm512_mul_ps(_mm512_maskz_loadu_ps(m0, wr), k0));
-                _mm512_store_ps(Pp + t * NR + 16, _mm512_mul_ps(_mm512_maskz_loadu_ps(m1, wr + 16), k1));
-                const __m512 zero = _mm512_setzero_ps();
-                if (_mm512_cmp_ps_mask(k0, zero, _CMP_NEQ_UQ) | _mm512_cmp_ps_mask(k1, zero, _CMP_NEQ_UQ)) {
-                    if (t < l) l = t;
-                    h = t + 1;
+                _mm512_store_ps(Pp + t * NR + 16,
+                                _mm512_mul_ps(_mm512_maskz_loadu_ps(m1, wr + 16), k1));
+                /* not equal to zero: NaN counts as not zero */
+                if (_mm512_cmp_ps_mask(k0, zero, _CMP_NEQ_UQ)) {
+                    if (t < l[0]) l[0] = t;
+                    h[0] = t + 1;
+                }
+                if (_mm512_cmp_ps_mask(k1, zero, _CMP_NEQ_UQ)) {
+                    if (t < l[1]) l[1] = t;
+                    h[1] = t + 1;
                 }
             }
         }
-        lo[p] = h ? l : 0;
-        hi[p] = h;
+        for (int v = 0; v < 2; v++) {
+            r[4 * p + 2 * v] = h[v] ? l[v] : 0;
+            r[4 * p + 2 * v + 1] = h[v];
+        }
     }
     return P;
 }
@@ -201,26 +237,25 @@ int nfx_masked_forward(int64_t M, int64_t K, int64_t N, const float *x, const fl
                        const float *mask, const float *b, const float *extra,
                        int64_t ld_extra, int relu, float *out) {
     const int64_t np = (N + NR - 1) / NR;
-    int64_t *lo = malloc((size_t)(2 * np) * sizeof(int64_t));
-    float *P = lo ? pack(N, K, w, mask, 1, lo, lo + np) : NULL;
+    int64_t *r = malloc((size_t)(4 * np) * sizeof(int64_t));
+    float *P = r ? pack(N, K, w, mask, 1, r) : NULL;
     if (!P) {
-        free(lo);
+        free(r);
         return -1;
     }
-    const int64_t *hi = lo + np;
     const int epi = relu ? EPI_BIAS_RELU : EPI_BIAS;
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
         const int mr = M - m0 < MR ? (int)(M - m0) : MR;
         for (int64_t p = 0; p < np; p++) {
             const int64_t n0 = p * NR;
             const int width = N - n0 < NR ? (int)(N - n0) : NR;
-            run_tile(mr, width, epi, hi[p] - lo[p], x + m0 * K + lo[p], K, 1,
-                     P + (p * K + lo[p]) * NR, NR, out + m0 * N + n0, N, b + n0, 0,
+            run_tile(mr, width, epi, r + 4 * p, x + m0 * K, K, 1, P + p * K * NR, NR,
+                     out + m0 * N + n0, N, b + n0, 0,
                      extra ? extra + m0 * ld_extra + n0 : NULL, ld_extra);
         }
     }
     free(P);
-    free(lo);
+    free(r);
     return 0;
 }
 
@@ -230,26 +265,24 @@ int nfx_masked_forward(int64_t M, int64_t K, int64_t N, const float *x, const fl
 int nfx_masked_grad_input(int64_t M, int64_t K, int64_t N, const float *g, const float *w,
                           const float *mask, const float *h, float *gx) {
     const int64_t nq = (K + NR - 1) / NR;
-    int64_t *lo = malloc((size_t)(2 * nq) * sizeof(int64_t));
-    float *P = lo ? pack(N, K, w, mask, 0, lo, lo + nq) : NULL;
+    int64_t *r = malloc((size_t)(4 * nq) * sizeof(int64_t));
+    float *P = r ? pack(N, K, w, mask, 0, r) : NULL;
     if (!P) {
-        free(lo);
+        free(r);
         return -1;
     }
-    const int64_t *hi = lo + nq;
     const int epi = h ? EPI_RELU_GRAD : EPI_STORE;
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
         const int mr = M - m0 < MR ? (int)(M - m0) : MR;
         for (int64_t q = 0; q < nq; q++) {
             const int64_t k0 = q * NR;
             const int width = K - k0 < NR ? (int)(K - k0) : NR;
-            run_tile(mr, width, epi, hi[q] - lo[q], g + m0 * N + lo[q], N, 1,
-                     P + (q * N + lo[q]) * NR, NR, gx + m0 * K + k0, K,
-                     h ? h + m0 * K + k0 : NULL, K, NULL, 0);
+            run_tile(mr, width, epi, r + 4 * q, g + m0 * N, N, 1, P + q * N * NR, NR,
+                     gx + m0 * K + k0, K, h ? h + m0 * K + k0 : NULL, K, NULL, 0);
         }
     }
     free(P);
-    free(lo);
+    free(r);
     return 0;
 }
 
@@ -262,12 +295,13 @@ int nfx_masked_grad_weight(int64_t M, int64_t K, int64_t N, const float *g, cons
         const int mr = N - n0 < MR ? (int)(N - n0) : MR;
         for (int64_t k0 = 0; k0 < K; k0 += NR) {
             const int width = K - k0 < NR ? (int)(K - k0) : NR;
-            int any = 0;
-            for (int i = 0; i < mr && !any; i++)
+            int any[2] = {0, 0}; /* whether each vector's part of the mask is not zero */
+            for (int i = 0; i < mr; i++)
                 for (int j = 0; j < width; j++)
-                    any |= mask[(n0 + i) * K + k0 + j] != 0.0f;
-            if (any) {
-                run_tile(mr, width, EPI_MASK, M, g + n0, 1, N, h + k0, K, gw + n0 * K + k0, K,
+                    any[j >= 16] |= mask[(n0 + i) * K + k0 + j] != 0.0f;
+            if (any[0] || any[1]) {
+                const int64_t r[4] = {0, any[0] ? M : 0, 0, any[1] ? M : 0};
+                run_tile(mr, width, EPI_MASK, r, g + n0, 1, N, h + k0, K, gw + n0 * K + k0, K,
                          mask + n0 * K + k0, K, NULL, 0);
             } else {
                 for (int i = 0; i < mr; i++)
