@@ -26,18 +26,25 @@ __all__ = ["usable", "forward", "backward"]
 _MIN_ROWS = 16  # below this many rows, the packing of the weights costs more than it saves
 
 
+_KERNEL: list[bool] = []  # whether the library has the masked kernel, once it is loaded
+
+
 def _kernel() -> bool:
-    return native.available() and bool(native.library().nfx_masked_available())
+    if not _KERNEL:
+        if not native.available():
+            return False
+        _KERNEL.append(bool(native.library().nfx_masked_available()))
+    return _KERNEL[0]
 
 
 def usable(x: Tensor, *others: Tensor | None) -> bool:
     """Whether the kernel takes ``x`` ``(batch, in)`` and ``others`` (``None`` skipped):
     float32 CPU tensors, a batch of at least 16 rows, not traced by ``torch.compile``, and
     the kernel built with AVX-512."""
-    return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2
-            and x.shape[0] >= _MIN_ROWS and not is_compiling()
-            and all(t is None or (t.dtype == torch.float32 and t.device.type == "cpu")
-                    for t in others)
+    f32 = torch.float32
+    return (x.is_cpu and x.dtype is f32 and x.dim() == 2 and x.shape[0] >= _MIN_ROWS
+            and not is_compiling()
+            and all(t is None or (t.dtype is f32 and t.is_cpu) for t in others)
             and _kernel())
 
 
