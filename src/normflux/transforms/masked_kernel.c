@@ -164,6 +164,34 @@ static void run_tile(int mr, int width, int epi, const int64_t *r, const float *
     }
 }
 
+/* r[j][i] <- r[i][j] for the 16 x 16 floats of r (unpacks within 128-bit lanes, then a
+ * 4 x 4 transpose of the lanes) */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    /* r[4 q + c], lane L: column 4 L + c of rows 4 q .. 4 q + 3 */
+    for (int q = 0; q < 4; q++) {
+        r[4 * q] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0x44);
+        r[4 * q + 1] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0xEE);
+        r[4 * q + 2] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0x44);
+        r[4 * q + 3] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0xEE);
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512 v0 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x44);
+        const __m512 v1 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xEE);
+        const __m512 v2 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x44);
+        const __m512 v3 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xEE);
+        t[c] = _mm512_shuffle_f32x4(v0, v2, 0x88);
+        t[4 + c] = _mm512_shuffle_f32x4(v0, v2, 0xDD);
+        t[8 + c] = _mm512_shuffle_f32x4(v1, v3, 0x88);
+        t[12 + c] = _mm512_shuffle_f32x4(v1, v3, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
 /* Packs W * M (W, M: (rows, cols) row-major) into panels of NR consecutive "outer"
  * indices by "inner" index, zero-padded: P[p][inner][j] for outer = p * NR + j. With
  * by_row, outer is the row (the forward's W^T), else the column (the input gradient's W).
@@ -181,14 +209,27 @@ static float *pack(int64_t rows, int64_t cols, const float *w, const float *mask
         const int64_t o0 = p * NR, width = outer - o0 < NR ? outer - o0 : NR;
         float *Pp = P + p * inner * NR;
         int64_t l[2] = {inner, inner}, h[2] = {0, 0};
-        if (by_row) { /* W^T: row o0 + j of W is column j of the panel */
-            for (int64_t j = 0; j < NR; j++) {
-                if (j >= width) {
-                    for (int64_t t = 0; t < inner; t++) Pp[t * NR + j] = 0.0f;
-                    continue;
+        if (by_row) { /* W^T: row o0 + j of W is column j of the panel, 16 x 16 blocks */
+            for (int v = 0; v < 2; v++) {
+                const int64_t j0 = 16 * v, wv = width - j0;
+                for (int64_t t0 = 0; t0 < inner; t0 += 16) {
+                    const int64_t n = inner - t0 < 16 ? inner - t0 : 16;
+                    const __mmask16 cm = (__mmask16)((1u << n) - 1);
+                    __m512 blk[16];
+                    for (int i = 0; i < 16; i++) {
+                        blk[i] = zero;
+                        if (i < wv) {
+                            const int64_t q = (o0 + j0 + i) * cols + t0;
+                            blk[i] = _mm512_mul_ps(_mm512_maskz_loadu_ps(cm, w + q),
+                                                   _mm512_maskz_loadu_ps(cm, mask + q));
+                        }
+                    }
+                    transpose16(blk);
+                    for (int64_t j = 0; j < n; j++) _mm512_store_ps(Pp + (t0 + j) * NR + j0, blk[j]);
                 }
-                const float *wr = w + (o0 + j) * cols, *mr = mask + (o0 + j) * cols;
-                for (int64_t t = 0; t < inner; t++) Pp[t * NR + j] = wr[t] * mr[t];
+            }
+            for (int64_t j = 0; j < width; j++) {
+                const float *mr = mask + (o0 + j) * cols;
                 int64_t a = 0, b = inner;
                 while (a < b && mr[a] == 0.0f) a++;
                 while (b > a && mr[b - 1] == 0.0f) b--;
@@ -295,10 +336,17 @@ int nfx_masked_grad_weight(int64_t M, int64_t K, int64_t N, const float *g, cons
         const int mr = N - n0 < MR ? (int)(N - n0) : MR;
         for (int64_t k0 = 0; k0 < K; k0 += NR) {
             const int width = K - k0 < NR ? (int)(K - k0) : NR;
-            int any[2] = {0, 0}; /* whether each vector's part of the mask is not zero */
-            for (int i = 0; i < mr; i++)
-                for (int j = 0; j < width; j++)
-                    any[j >= 16] |= mask[(n0 + i) * K + k0 + j] != 0.0f;
+            /* whether each vector's part of the mask is not zero (NaN counts as not zero) */
+            const __mmask16 m0 = width >= 16 ? 0xFFFF : (__mmask16)((1u << width) - 1);
+            const __mmask16 m1 = width >= NR ? 0xFFFF
+                                 : width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : 0;
+            const __m512 zero = _mm512_setzero_ps();
+            int any[2] = {0, 0};
+            for (int i = 0; i < mr; i++) {
+                const float *mk = mask + (n0 + i) * K + k0;
+                any[0] |= _mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(m0, mk), zero, _CMP_NEQ_UQ) != 0;
+                any[1] |= _mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(m1, mk + 16), zero, _CMP_NEQ_UQ) != 0;
+            }
             if (any[0] || any[1]) {
                 const int64_t r[4] = {0, any[0] ? M : 0, 0, any[1] ? M : 0};
                 run_tile(mr, width, EPI_MASK, r, g + n0, 1, N, h + k0, K, gw + n0 * K + k0, K,
