@@ -375,6 +375,46 @@ def test_chain_order_and_inverse_swap():
     assert len(Chain([a, b])) == 2 and Chain([a, b])[1] is b
 
 
+def test_chain_skips_the_zero_ladj_of_volume_preserving_members():
+    """A chain adds only the ladj of members that are not volume preserving (the first of
+    them is its ladj as it is); one of permutations alone returns zeros of the input's
+    dtype; chains and inverses inherit the flag."""
+    a = Coupling(Affine(), mask="half", features=2, hidden_features=(8,))
+    c = Coupling(Affine(), mask="half", features=2, hidden_features=(8,), flip=True)
+    jitter_(a, 0.5, torch.Generator().manual_seed(0))
+    jitter_(c, 0.5, torch.Generator().manual_seed(1))
+    p = Permutation.reverse(2)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    a.double(), c.double()
+    z, l = Chain([p, a, p, c, p])(x)
+    za, la = a(p(x)[0])
+    zc, lc = c(p(za)[0])
+    assert torch.equal(z, p(zc)[0]) and torch.equal(l, la + lc)
+    xi, li = Chain([p, a, p, c, p]).inverse(z)
+    assert torch.allclose(xi, x, atol=1e-12) and torch.allclose(li, -l, atol=1e-12)
+    zp, lp = Chain([p, p, p])(x)
+    assert torch.equal(zp, p(x)[0]) and torch.equal(lp, torch.zeros(5, dtype=torch.float64))
+    assert Chain([p, p]).volume_preserving and Inverse(Chain([p])).volume_preserving
+    assert not Chain([p, a]).volume_preserving and not Inverse(a).volume_preserving
+
+
+def test_harness_checks_that_a_volume_preserving_ladj_is_zero():
+    """check_transform fails a transform that declares itself volume preserving and returns
+    a nonzero ladj (a chain would drop it)."""
+    class Shift(Transform):
+        volume_preserving = True
+
+        def forward(self, x, context=None):
+            return x + 1, torch.full((x.shape[0],), 0.5, dtype=x.dtype)
+
+        def inverse(self, z, context=None):
+            return z - 1, torch.full((z.shape[0],), -0.5, dtype=z.dtype)
+
+    report = check_transform(Shift(), torch.randn(4, 3), raise_on_failure=False, jacobian=False)
+    assert report.results["volume_preserving"][0] is False
+    assert check_transform(Permutation.reverse(3), torch.randn(4, 3)).ok
+
+
 def test_coupling_conditioner_sees_cos_sin_of_circular_inputs():
     seen = []
 

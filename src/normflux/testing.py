@@ -111,6 +111,7 @@ def check_transform(transform: Transform, example_input: Tensor, context: Tensor
       default; iterative inverses use the transform's documented tolerance via
       ``atol``);
     * ``ladj_cancel``: ``ladj_fwd(x) + ladj_inv(forward(x)) == 0`` (to ``100 atol``);
+    * ``volume_preserving`` (transforms that declare it): both ``ladj`` exactly zero;
     * ``ladj_jacobian``: both ``ladj`` against ``slogdet`` of the autograd Jacobian, in
       float64 on a deep copy, to 1e-6 (``jacobian=False`` skips it for large inputs);
     * ``batch_of_one``: the first row alone gives the first row of the batch result;
@@ -198,6 +199,12 @@ def check_transform(transform: Transform, example_input: Tensor, context: Tensor
             report.add("ladj_cancel", e <= 100 * tol and math.isfinite(e),
                        f"|ladj_fwd + ladj_inv| = {e:.2e}")
         _run(report, "ladj_cancel", cancel)
+
+        if t.volume_preserving:  # a Chain does not add this ladj: it must be zero
+            def zero_ladj():
+                report.add("volume_preserving", not ladj.any() and not ladj_inv.any(),
+                           f"max |ladj| = {max(ladj.abs().max(), ladj_inv.abs().max()):.2e}")
+            _run(report, "volume_preserving", zero_ladj)
 
         if jacobian:
             def jac():

@@ -86,6 +86,9 @@ class Transform(nn.Module):
     Class attributes a subclass may set:
         context_features: number of context features, ``None`` when unconditional.
         exact_inverse: ``False`` when :meth:`inverse` is iterative (documented tolerance).
+        volume_preserving: ``True`` when ``ladj`` is zero for every input, both ways (a
+            :class:`Chain` then skips adding it; :func:`~normflux.testing.check_transform`
+            checks that it is zero).
 
     References:
         Papamakarios et al., "Normalizing flows for probabilistic modeling and inference",
@@ -94,6 +97,7 @@ class Transform(nn.Module):
 
     context_features: int | None = None
     exact_inverse: bool = True
+    volume_preserving: bool = False
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
@@ -168,22 +172,29 @@ class Chain(Transform):
             raise ValueError(f"Chain members expect different context sizes {sorted(feats)}")
         self.context_features = feats.pop() if feats else None
         self.exact_inverse = all(t.exact_inverse for t in transforms)
+        self.volume_preserving = all(t.volume_preserving for t in transforms)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x, context)
-        ladj = x.new_zeros(x.shape[0])
-        for t in self.transforms:
-            x, l = t(x, context if t.context_features is not None else None)
-            ladj = ladj + l
-        return x, ladj
+        return self._compose(x, context, self.transforms, "forward")
 
     def inverse(self, z: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(z, context)
-        ladj = z.new_zeros(z.shape[0])
-        for t in reversed(self.transforms):
-            z, l = t.inverse(z, context if t.context_features is not None else None)
-            ladj = ladj + l
-        return z, ladj
+        return self._compose(z, context, reversed(self.transforms), "inverse")
+
+    @staticmethod
+    def _compose(x: Tensor, context: Tensor | None, transforms, direction: str
+                 ) -> tuple[Tensor, Tensor]:
+        """The members' ``direction`` in the order of ``transforms``, their ``ladj`` summed;
+        the zero ``ladj`` of volume-preserving members is not added (an add and its backward
+        node each, per member and step)."""
+        ladj = None
+        for t in transforms:
+            step = t if direction == "forward" else t.inverse  # the call runs the hooks
+            x, l = step(x, context if t.context_features is not None else None)
+            if not t.volume_preserving:
+                ladj = l if ladj is None else ladj + l
+        return x, x.new_zeros(x.shape[0]) if ladj is None else ladj
 
     def __len__(self) -> int:
         return len(self.transforms)
@@ -218,6 +229,7 @@ class Inverse(Transform):
         self.transform = transform
         self.context_features = transform.context_features
         self.exact_inverse = transform.exact_inverse
+        self.volume_preserving = transform.volume_preserving
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.transform.inverse(x, context)

@@ -25,8 +25,9 @@ def usable(x: Tensor, *others: Tensor | None) -> bool:
     float32 or float64 CPU tensor, all of one dtype (autocast hands the parameters over
     in another one), the kernel built, and not traced by ``torch.compile`` (inductor
     compiles the tensor ops instead)."""
-    return (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-            and all(t is None or (t.dtype == x.dtype and t.device == x.device) for t in others)
+    dtype = x.dtype
+    return (x.is_cpu and (dtype is torch.float32 or dtype is torch.float64)
+            and all(t is None or (t.dtype is dtype and t.is_cpu) for t in others)
             and not is_compiling() and native.available())
 
 

@@ -37,6 +37,8 @@ class Permutation(Transform):
             (the layer is unconditional).
     """
 
+    volume_preserving = True
+
     def __init__(self, perm: Tensor | Sequence[int]):
         super().__init__()
         if isinstance(perm, numbers.Integral) or (isinstance(perm, Tensor) and perm.dim() == 0):
@@ -131,6 +133,8 @@ class CircularShift(ConstantsMixin, Transform):
         ValueError: no circular coordinate, an unknown domain name, or a ``shift`` that
             is not a finite number; at call time, a context (the layer is unconditional).
     """
+
+    volume_preserving = True
 
     def __init__(self, domains: Sequence[DomainLike], shift: float = math.pi):
         super().__init__()
