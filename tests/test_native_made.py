@@ -6,6 +6,8 @@ order."""
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 
 import pytest
 import torch
@@ -14,10 +16,31 @@ from normflux import Affine, MaskedAutoregressive
 from normflux.nets import MADE, native_made
 
 needs_kernel = pytest.mark.skipif(
-    not native_made.usable(torch.zeros(16, 1)),
+    not native_made._kernel(),
     reason="the masked-layer kernel is not built here (no compiler or no AVX-512)")
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The kernel runs where PyTorch uses one intra-op thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 U = torch.finfo(torch.float32).eps / 2  # unit roundoff
+
+
+def test_kernel_builds_where_avx512_and_a_compiler_exist():
+    """On a CPU with AVX-512 and a C compiler the kernel is there (so that its tests run)."""
+    try:
+        avx512 = " avx512f " in open("/proc/cpuinfo").read().replace("\n", " ")
+    except OSError:
+        avx512 = False
+    if (not avx512 or os.environ.get("NORMFLUX_NATIVE") == "0"
+            or shutil.which(os.environ.get("CC", "cc")) is None):
+        pytest.skip("no AVX-512, no C compiler, or the kernels are switched off")
+    assert native_made._kernel()
 
 
 def _gemm_bound(a, b, K, terms=0.0, result=0.0):
@@ -158,7 +181,8 @@ def test_made_takes_the_kernel_and_matches_float64(monkeypatch, context):
 @needs_kernel
 def test_made_leaves_the_kernel_where_it_does_not_apply(monkeypatch):
     """float64, fewer than 16 rows, no gradients, a transposed output (spline layers) and
-    torch.compile's tracing take torch's GEMMs."""
+    more than one intra-op thread take torch's GEMMs (torch.compile's tracing too:
+    ``tests/test_compile.py``)."""
     calls = []
     real = native_made.forward
     monkeypatch.setattr(native_made, "forward", lambda *a: calls.append(1) or real(*a))
@@ -171,6 +195,8 @@ def test_made_leaves_the_kernel_where_it_does_not_apply(monkeypatch):
     with torch.no_grad():
         made(torch.randn(40, 4))
     MADE(4, 2, (8, 8), transposed_output=True)(torch.randn(40, 4, requires_grad=True))
+    torch.set_num_threads(2)
+    made(torch.randn(40, 4, requires_grad=True))
     assert calls == [1]
 
 
@@ -191,8 +217,8 @@ def test_made_masks_are_staircases():
 
 
 def _legacy_state(made):
-    """``made``'s state dict with the hidden units as versions before 0.2 laid them out:
-    unit ``k`` of degree ``1 + (k mod (D - 1))``, cycling through the degrees."""
+    """``made``'s state dict with the hidden units as earlier builds of normflux 0.1.0 laid
+    them out: unit ``k`` of degree ``1 + (k mod (D - 1))``, cycling through the degrees."""
     D = made.features
     sd = {k: v.clone() for k, v in made.state_dict().items()}
     perms = []

@@ -149,9 +149,9 @@ def _refresh_caches(made: "MADE", incompatible_keys=None) -> None:
     many units of each hidden layer have a degree below each input's degree, with the
     hidden units' degrees read from the masks (:func:`_mask_degrees`) and their order of
     degree in the buffers ``_unit_order<l>``; again after ``load_state_dict`` (a loaded
-    random order, or the masks of a checkpoint whose units are in another order: before
-    version 0.2 they cycled through the degrees), whether it is called on the MADE or on a
-    module that contains it."""
+    random order, or the masks of a checkpoint whose units are in another order: earlier
+    builds of normflux 0.1.0 cycled them through the degrees), whether it is called on the
+    MADE or on a module that contains it."""
     deg = made.degrees.cpu()
     made.generation_order = torch.argsort(deg, stable=True).tolist()
     made._hidden_deg = _mask_degrees(made)
@@ -166,9 +166,12 @@ class MADE(nn.Module):
 
     Germain et al., "MADE: Masked Autoencoder for Distribution Estimation", ICML 2015,
     eq. 13-14 (masks from degrees). Input ``i`` has degree ``degrees[i]`` in ``1..D``;
-    hidden unit ``k`` has degree ``1 + (k mod (D-1))`` (all degrees present whenever
-    ``H >= D - 1``; any ``H >= 1`` is valid, and ``D = 1`` gives outputs that depend
-    only on the context); output ``(i, p)`` sees hidden units of degree ``< degrees[i]``.
+    the ``H`` units of a hidden layer take the degrees ``1 + (k mod (D-1))``, ``k < H``, in
+    increasing order (all degrees present whenever ``H >= D - 1``; any ``H >= 1`` is
+    valid, and ``D = 1`` gives outputs that depend only on the context), so that every
+    mask is a staircase, which the C kernel of :mod:`~normflux.nets.native_made`
+    multiplies block by block; output ``(i, p)`` sees hidden units of degree
+    ``< degrees[i]``.
     The context (degree 0) feeds every hidden unit of the first layer. With
     ``residual=True`` hidden layers are masked residual blocks (Nash & Durkan 2019,
     as in nflows' ``MaskedResidualBlock``), which preserve the degrees.

@@ -6,7 +6,10 @@ at first use with the other kernels, :mod:`~normflux.transforms.native`). The ke
 skips the products that the masks zero -- a MADE's masks, with its hidden units in order
 of degree, are staircases about half zeros -- and applies the bias, the ReLU, the ReLU's
 backward and the weight mask while each block of the result is in registers. It needs
-AVX-512 (:func:`usable` is false without it, and the MADE runs on torch's GEMMs).
+AVX-512 (:func:`usable` is false without it, and the MADE runs on torch's GEMMs). It runs
+on one thread, so it is used only when PyTorch's intra-op parallelism is one thread
+(``torch.set_num_threads(1)``, as in the speed suite and in data-parallel training with
+one process per core); with more threads PyTorch's threaded GEMMs run instead.
 
 The products are the BLAS's own (one fused multiply-add per term, in order of the
 summed index), so results match ``torch.mm`` to the rounding of the summation order;
@@ -39,11 +42,11 @@ def _kernel() -> bool:
 
 def usable(x: Tensor, *others: Tensor | None) -> bool:
     """Whether the kernel takes ``x`` ``(batch, in)`` and ``others`` (``None`` skipped):
-    float32 CPU tensors, a batch of at least 16 rows, not traced by ``torch.compile``, and
-    the kernel built with AVX-512."""
+    float32 CPU tensors, a batch of at least 16 rows, one intra-op thread, not traced by
+    ``torch.compile``, and the kernel built with AVX-512."""
     f32 = torch.float32
     return (x.is_cpu and x.dtype is f32 and x.dim() == 2 and x.shape[0] >= _MIN_ROWS
-            and not is_compiling()
+            and torch.get_num_threads() == 1 and not is_compiling()
             and all(t is None or (t.dtype is f32 and t.is_cpu) for t in others)
             and _kernel())
 
