@@ -19,14 +19,7 @@ needs_kernel = pytest.mark.skipif(
     not native_made._kernel(),
     reason="the masked-layer kernel is not built here (no compiler or no AVX-512)")
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The kernel runs where PyTorch uses one intra-op thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# the kernel runs with one intra-op thread: conftest.py sets one for the whole suite
 
 U = torch.finfo(torch.float32).eps / 2  # unit roundoff
 
@@ -196,7 +189,10 @@ def test_made_leaves_the_kernel_where_it_does_not_apply(monkeypatch):
         made(torch.randn(40, 4))
     MADE(4, 2, (8, 8), transposed_output=True)(torch.randn(40, 4, requires_grad=True))
     torch.set_num_threads(2)
-    made(torch.randn(40, 4, requires_grad=True))
+    try:
+        made(torch.randn(40, 4, requires_grad=True))
+    finally:
+        torch.set_num_threads(1)
     assert calls == [1]
 
 

@@ -271,28 +271,31 @@ static float *pack(int64_t rows, int64_t cols, const float *w, const float *mask
 
 int nfx_masked_available(void) { return 1; }
 
-/* out (M, N) = x (M, K) (w * mask)^T + b [+ extra (rows of stride ld_extra)], then a
- * ReLU when relu; w, mask (N, K), b (N,). Every tensor contiguous (extra: unit column
- * stride). Returns 0, or -1 when out of memory (out untouched). */
-int nfx_masked_forward(int64_t M, int64_t K, int64_t N, const float *x, const float *w,
-                       const float *mask, const float *b, const float *extra,
-                       int64_t ld_extra, int relu, float *out) {
-    const int64_t np = (N + NR - 1) / NR;
+/* C (M, outer) = epilogue(A (M, inner) (W * M) or A (W * M)^T): the product of A with the
+ * panels that pack() makes of W * M (W, M: (rows, cols); by_row: W^T, outer = rows), tile
+ * by tile. The epilogue's operand E is a row (bias: e_rows 0) or has a row per row of C
+ * (the ReLU's input: e_rows 1); X, when not null, is added (rows of stride ldx). Returns
+ * 0, or -1 when out of memory (C untouched). */
+static int packed_product(int64_t M, int64_t rows, int64_t cols, const float *w,
+                          const float *mask, int by_row, const float *A, float *C, int epi,
+                          const float *E, int e_rows, const float *X, int64_t ldx) {
+    const int64_t outer = by_row ? rows : cols, inner = by_row ? cols : rows;
+    const int64_t np = (outer + NR - 1) / NR;
     int64_t *r = malloc((size_t)(4 * np) * sizeof(int64_t));
-    float *P = r ? pack(N, K, w, mask, 1, r) : NULL;
+    float *P = r ? pack(rows, cols, w, mask, by_row, r) : NULL;
     if (!P) {
         free(r);
         return -1;
     }
-    const int epi = relu ? EPI_BIAS_RELU : EPI_BIAS;
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
         const int mr = M - m0 < MR ? (int)(M - m0) : MR;
         for (int64_t p = 0; p < np; p++) {
-            const int64_t n0 = p * NR;
-            const int width = N - n0 < NR ? (int)(N - n0) : NR;
-            run_tile(mr, width, epi, r + 4 * p, x + m0 * K, K, 1, P + p * K * NR, NR,
-                     out + m0 * N + n0, N, b + n0, 0,
-                     extra ? extra + m0 * ld_extra + n0 : NULL, ld_extra);
+            const int64_t o0 = p * NR;
+            const int width = outer - o0 < NR ? (int)(outer - o0) : NR;
+            run_tile(mr, width, epi, r + 4 * p, A + m0 * inner, inner, 1, P + p * inner * NR,
+                     NR, C + m0 * outer + o0, outer,
+                     E ? E + (e_rows ? m0 * outer : 0) + o0 : NULL, e_rows ? outer : 0,
+                     X ? X + m0 * ldx + o0 : NULL, ldx);
         }
     }
     free(P);
@@ -300,31 +303,23 @@ int nfx_masked_forward(int64_t M, int64_t K, int64_t N, const float *x, const fl
     return 0;
 }
 
+/* out (M, N) = x (M, K) (w * mask)^T + b [+ extra (rows of stride ld_extra)], then a
+ * ReLU when relu; w, mask (N, K), b (N,). Every tensor contiguous (extra: unit column
+ * stride). Returns 0, or -1 when out of memory (out untouched). */
+int nfx_masked_forward(int64_t M, int64_t K, int64_t N, const float *x, const float *w,
+                       const float *mask, const float *b, const float *extra,
+                       int64_t ld_extra, int relu, float *out) {
+    return packed_product(M, N, K, w, mask, 1, x, out, relu ? EPI_BIAS_RELU : EPI_BIAS, b, 0,
+                          extra, ld_extra);
+}
+
 /* gx (M, K) = g (M, N) (w * mask), times [!(h <= 0)] elementwise when h (M, K) is not
  * null (the backward of the ReLU that made the layer's input h). Returns 0, or -1 when
  * out of memory. */
 int nfx_masked_grad_input(int64_t M, int64_t K, int64_t N, const float *g, const float *w,
                           const float *mask, const float *h, float *gx) {
-    const int64_t nq = (K + NR - 1) / NR;
-    int64_t *r = malloc((size_t)(4 * nq) * sizeof(int64_t));
-    float *P = r ? pack(N, K, w, mask, 0, r) : NULL;
-    if (!P) {
-        free(r);
-        return -1;
-    }
-    const int epi = h ? EPI_RELU_GRAD : EPI_STORE;
-    for (int64_t m0 = 0; m0 < M; m0 += MR) {
-        const int mr = M - m0 < MR ? (int)(M - m0) : MR;
-        for (int64_t q = 0; q < nq; q++) {
-            const int64_t k0 = q * NR;
-            const int width = K - k0 < NR ? (int)(K - k0) : NR;
-            run_tile(mr, width, epi, r + 4 * q, g + m0 * N, N, 1, P + q * N * NR, NR,
-                     gx + m0 * K + k0, K, h ? h + m0 * K + k0 : NULL, K, NULL, 0);
-        }
-    }
-    free(P);
-    free(r);
-    return 0;
+    return packed_product(M, N, K, w, mask, 0, g, gx, h ? EPI_RELU_GRAD : EPI_STORE, h, 1,
+                          NULL, 0);
 }
 
 /* gw (N, K) = (g^T h) * mask for g (M, N), h (M, K), mask (N, K); gb (N,) = the column
