@@ -268,3 +268,88 @@ def test_a_checkpoint_with_units_cycling_through_degrees_still_samples(order):
         y, _ = t.inverse(z)
         back, _ = t(y)
     assert torch.allclose(back, z, atol=1e-4)
+
+
+def _both_paths(made, x, c=None):
+    """The MADE's output with the kernel (one thread) and with torch's GEMMs (two)."""
+    out = made(x, c)
+    torch.set_num_threads(2)
+    try:
+        ref = made(x, c)
+    finally:
+        torch.set_num_threads(1)
+    return out, ref
+
+
+@needs_kernel
+@pytest.mark.parametrize("where", ["bias", "input"])
+def test_a_nan_passes_the_relu_as_in_torch(where):
+    """relu(NaN) is NaN, as torch.relu's (x86's max would return the 0): a NaN hidden bias
+    or input reaches the same outputs, and the loss, on both paths."""
+    torch.manual_seed(0)
+    made = MADE(4, 2, (32, 32), zero_init=False)
+    x = torch.randn(16, 4)
+    if where == "bias":
+        with torch.no_grad():
+            made.body[0].bias[5] = float("nan")
+    else:
+        x[3, 2] = float("nan")
+    out, ref = _both_paths(made, x.requires_grad_())
+    assert out.isnan().any() and torch.equal(out.isnan(), ref.isnan())
+
+
+@needs_kernel
+@pytest.mark.parametrize("mask", ["bool", "float64", "broadcast"])
+def test_masks_the_kernel_cannot_read_take_torch_ops(monkeypatch, mask):
+    """A mask that is not a float32 tensor of its weight's shape (assigned by hand, or by
+    load_state_dict(assign=True)) is not handed to the kernel: the MADE computes what
+    torch's ops compute (or raises their error)."""
+    torch.manual_seed(0)
+    made = MADE(8, 2, (64, 64), zero_init=False)
+    lin = made.body[0]
+    if mask == "bool":
+        lin.mask = lin.mask.bool()
+    elif mask == "float64":
+        lin.mask = lin.mask.double()
+    else:
+        lin.mask = torch.ones(64)
+    calls = []
+    real = native_made.forward
+    monkeypatch.setattr(native_made, "forward", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(64, 8, requires_grad=True)
+    if mask == "float64":
+        with pytest.raises(RuntimeError):
+            made(x)
+    else:
+        out, ref = _both_paths(made, x)
+        assert torch.equal(out, ref)
+    assert calls == []
+
+
+@needs_kernel
+def test_a_mask_changed_before_the_backward_is_a_version_error():
+    """The node keeps the masks it multiplied with: changing one in place before the
+    backward raises autograd's version error instead of a gradient of another layer."""
+    made = MADE(4, 2, (32, 32), zero_init=False)
+    x = torch.randn(16, 4, requires_grad=True)
+    out = made(x)
+    with torch.no_grad():
+        made.body[0].mask.zero_()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+@needs_kernel
+def test_weights_the_mask_excludes_never_reach_the_output():
+    """An inf or NaN weight where the mask is zero is not part of the model: the kernel's
+    output and gradients stay finite (W * M would spread NaN)."""
+    torch.manual_seed(0)
+    made = MADE(4, 2, (32, 32), zero_init=False)
+    lin = made.body[0]
+    with torch.no_grad():
+        lin.weight[lin.mask == 0] = float("nan")
+        made.first.weight[made.first.mask == 0] = float("inf")
+    x = torch.randn(16, 4, requires_grad=True)
+    out = made(x)
+    out.sum().backward()
+    assert out.isfinite().all() and x.grad.isfinite().all()

@@ -476,3 +476,20 @@ def test_sample_domain_inside_support():
     x = sample_domain(MIXED, 1000, g)
     assert ((x[:, 1] >= -math.pi) & (x[:, 1] < math.pi)).all()
     assert ((x[:, 2] > -1) & (x[:, 2] < 2)).all() and ((x[:, 5] > 0) & (x[:, 5] < 1)).all()
+
+
+def test_a_chain_edited_after_construction_still_adds_its_ladj():
+    """volume_preserving follows the members: a chain of a permutation that later gets a
+    MAF layer appended is not volume preserving, and an outer chain adds its ladj."""
+    torch.manual_seed(0)
+    maf = MaskedAutoregressive(Affine(), features=3, hidden_features=(16,))
+    jitter_(maf, 0.5, torch.Generator().manual_seed(0))
+    inner = Chain([Permutation.reverse(3)])
+    outer = Chain([inner])
+    assert outer.volume_preserving
+    inner.transforms.append(maf)
+    x = torch.randn(5, 3)
+    _, l_inner = inner(x)
+    assert not outer.volume_preserving and l_inner.abs().min() > 0
+    assert torch.equal(outer(x)[1], l_inner)
+    assert torch.allclose(Inverse(outer)(outer(x)[0])[1], -l_inner, atol=1e-5)

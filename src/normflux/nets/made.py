@@ -326,11 +326,11 @@ class MADE(nn.Module):
             params = []
             for lin in linears:
                 params += (lin._parameters["weight"], lin._parameters["bias"])
+            net = _MaskedReluLayers([lin._buffers["mask"] for lin in linears])
             transposed = use_transposed_output(self)
-            native = not transposed and native_made.usable(x, extra, *params)
-            out = _ReluNet.apply(x, _MaskedReluLayers([lin._buffers["mask"] for lin in linears],
-                                                      native),
-                                 transposed, extra, *params)
+            net.native = not transposed and native_made.usable(x, extra,
+                                                               net._native_layers(params))
+            out = _ReluNet.apply(x, net, transposed, extra, *params)
             return out.view(x.shape[0], self.features, self.params_per_feature)
         h = self.hidden(x, context)
         if use_transposed_output(self):

@@ -234,9 +234,12 @@ class _ReluNet(torch.autograd.Function):
         ctx.net, ctx.transposed, ctx.n_params = net, transposed, len(params)
         if getattr(net, "native", False):  # a MADE's masked layers in the C kernel
             out, hs = native_made.forward(x, net._native_layers(params), extra)
-            ctx.save_for_backward(extra, *params, *hs)
-            ctx.n_layers = 0  # no weight products kept
+            # the masks, not the weight products: the backward multiplies by them again
+            # (and an in-place change to one before it is the usual version error)
+            ctx.save_for_backward(extra, *params, *net.masks, *hs)
+            ctx.n_layers, ctx.n_masks = 0, len(net.masks)
             return out
+        ctx.n_masks = 0
         layers = net._relu_layers(params)
         hs = [x]
         for j, (w, b) in enumerate(layers[:-1]):
@@ -252,18 +255,19 @@ class _ReluNet(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         extra, *saved = ctx.saved_tensors
-        n, L = ctx.n_params, ctx.n_layers
-        params, weights, hs = saved[:n], saved[n:n + L], saved[n + L:]
+        n, L, n_masks = ctx.n_params, ctx.n_layers, ctx.n_masks
+        params, weights = saved[:n], saved[n:n + L]
+        masks, hs = saved[n + L:n + L + n_masks], saved[n + L + n_masks:]
         net = ctx.net
         if reference_backward(g):
             grads = reference_grads(
                 lambda x, e, *p: (relu_reference(net._relu_layers(p), x, e, ctx.transposed),),
                 (hs[0], extra, *params), (g,))
             return grads[0], None, None, *grads[1:]
-        if not L:  # the C kernel's forward
+        if n_masks:  # the C kernel's forward
             g_x, g_extra, g_params = native_made.backward(
-                g, list(hs), net._native_layers(params), ctx.needs_input_grad[0],
-                ctx.needs_input_grad[3])
+                g, list(hs), list(zip(params[0::2], params[1::2], masks)),
+                ctx.needs_input_grad[0], ctx.needs_input_grad[3])
             return g_x, None, None, g_extra, *g_params
         g_params, g_layers = net._relu_grads(params)
         g_x = g_extra = None

@@ -40,15 +40,24 @@ def _kernel() -> bool:
     return _KERNEL[0]
 
 
-def usable(x: Tensor, *others: Tensor | None) -> bool:
-    """Whether the kernel takes ``x`` ``(batch, in)`` and ``others`` (``None`` skipped):
-    float32 CPU tensors, a batch of at least 16 rows, one intra-op thread, not traced by
-    ``torch.compile``, and the kernel built with AVX-512."""
+def usable(x: Tensor, extra: Tensor | None,
+           layers: list[tuple[Tensor, Tensor, Tensor]]) -> bool:
+    """Whether the kernel takes ``x`` ``(batch, in)``, ``extra`` (or ``None``) and
+    ``layers`` ``[(weight (N, K), bias (N,), mask (N, K)), ...]``: float32 CPU tensors,
+    masks of their weight's shape (a bool or broadcast mask takes torch's ops), a batch
+    of at least 16 rows, one intra-op thread, not traced by ``torch.compile``, and the
+    kernel built with AVX-512."""
     f32 = torch.float32
-    return (x.is_cpu and x.dtype is f32 and x.dim() == 2 and x.shape[0] >= _MIN_ROWS
+    if not (x.is_cpu and x.dtype is f32 and x.dim() == 2 and x.shape[0] >= _MIN_ROWS
             and torch.get_num_threads() == 1 and not is_compiling()
-            and all(t is None or (t.dtype is f32 and t.is_cpu) for t in others)
-            and _kernel())
+            and (extra is None or (extra.dtype is f32 and extra.is_cpu))):
+        return False
+    for w, b, m in layers:
+        if not (w.dtype is f32 and b.dtype is f32 and m.dtype is f32 and w.is_cpu
+                and b.is_cpu and m.is_cpu and m.shape == w.shape and w.dim() == 2
+                and b.shape == w.shape[:1]):
+            return False
+    return _kernel()
 
 
 def _checked(status: int) -> None:

@@ -172,7 +172,12 @@ class Chain(Transform):
             raise ValueError(f"Chain members expect different context sizes {sorted(feats)}")
         self.context_features = feats.pop() if feats else None
         self.exact_inverse = all(t.exact_inverse for t in transforms)
-        self.volume_preserving = all(t.volume_preserving for t in transforms)
+
+    @property
+    def volume_preserving(self) -> bool:
+        """Whether every member is volume preserving (looked up at each call: members may
+        be added or replaced after construction)."""
+        return all(t.volume_preserving for t in self.transforms)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x, context)
@@ -229,7 +234,11 @@ class Inverse(Transform):
         self.transform = transform
         self.context_features = transform.context_features
         self.exact_inverse = transform.exact_inverse
-        self.volume_preserving = transform.volume_preserving
+
+    @property
+    def volume_preserving(self) -> bool:
+        """The wrapped transform's (looked up at each call)."""
+        return self.transform.volume_preserving
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.transform.inverse(x, context)

@@ -106,8 +106,10 @@ tile(const int mr, const int nv, const int epi, const int64_t *r, const float *A
                 if (nv == 2) v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, X + i * ldx + 16)); \
             }                                                                              \
             if (epi == EPI_BIAS_RELU) {                                                    \
-                v0 = _mm512_max_ps(v0, zero);                                              \
-                if (nv == 2) v1 = _mm512_max_ps(v1, zero);                                 \
+                /* max(0, v): x86's max returns its second operand when one is NaN,  \
+                 * so a NaN passes, as torch.relu's */                                    \
+                v0 = _mm512_max_ps(zero, v0);                                              \
+                if (nv == 2) v1 = _mm512_max_ps(zero, v1);                                 \
             }                                                                              \
         } else if (epi == EPI_RELU_GRAD) {                                                 \
             const float *e = E + i * lde;                                                  \
@@ -162,6 +164,12 @@ static void run_tile(int mr, int width, int epi, const int64_t *r, const float *
     } else {
         EPI_SWITCH(1)
     }
+}
+
+/* w * m where m is not zero, and 0 where it is: a weight the mask excludes never reaches
+ * the products, even an inf or NaN one (whose product with 0 would be NaN) */
+static inline __m512 masked_weights(__m512 w, __m512 m) {
+    return _mm512_maskz_mul_ps(_mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_NEQ_UQ), w, m);
 }
 
 /* r[j][i] <- r[i][j] for the 16 x 16 floats of r (unpacks within 128-bit lanes, then a
@@ -220,8 +228,8 @@ static float *pack(int64_t rows, int64_t cols, const float *w, const float *mask
                         blk[i] = zero;
                         if (i < wv) {
                             const int64_t q = (o0 + j0 + i) * cols + t0;
-                            blk[i] = _mm512_mul_ps(_mm512_maskz_loadu_ps(cm, w + q),
-                                                   _mm512_maskz_loadu_ps(cm, mask + q));
+                            blk[i] = masked_weights(_mm512_maskz_loadu_ps(cm, w + q),
+                                                    _mm512_maskz_loadu_ps(cm, mask + q));
                         }
                     }
                     transpose16(blk);
@@ -247,9 +255,9 @@ static float *pack(int64_t rows, int64_t cols, const float *w, const float *mask
                 const float *wr = w + t * cols + o0, *mr = mask + t * cols + o0;
                 const __m512 k0 = _mm512_maskz_loadu_ps(m0, mr);
                 const __m512 k1 = _mm512_maskz_loadu_ps(m1, mr + 16);
-                _mm512_store_ps(Pp + t * NR, _mm512_mul_ps(_mm512_maskz_loadu_ps(m0, wr), k0));
+                _mm512_store_ps(Pp + t * NR, masked_weights(_mm512_maskz_loadu_ps(m0, wr), k0));
                 _mm512_store_ps(Pp + t * NR + 16,
-                                _mm512_mul_ps(_mm512_maskz_loadu_ps(m1, wr + 16), k1));
+                                masked_weights(_mm512_maskz_loadu_ps(m1, wr + 16), k1));
                 /* not equal to zero: NaN counts as not zero */
                 if (_mm512_cmp_ps_mask(k0, zero, _CMP_NEQ_UQ)) {
                     if (t < l[0]) l[0] = t;
