@@ -105,9 +105,9 @@ class _MaskedReluLayers:
 
     __slots__ = ("masks", "native")
 
-    def __init__(self, masks: list[Tensor], native: bool = False):
+    def __init__(self, masks: list[Tensor]):
         self.masks = masks
-        self.native = native  # the layers in the C kernel (nets/native_made.py)
+        self.native = False  # the layers in the C kernel (nets/native_made.py): MADE sets it
 
     def _native_layers(self, params):
         return [(w, b, m) for m, w, b in zip(self.masks, params[0::2], params[1::2])]

@@ -13,7 +13,11 @@ one process per core); with more threads PyTorch's threaded GEMMs run instead.
 
 The products are the BLAS's own (one fused multiply-add per term, in order of the
 summed index), so results match ``torch.mm`` to the rounding of the summation order;
-the bias gradient is summed in double.
+the bias gradient is summed in double. Weights that the mask excludes never enter a
+product: an inf or NaN there stays out of the output, where ``W * M`` would spread NaN.
+Products of an input with a zero of the mask are skipped where a whole panel's range
+allows, so an inf or NaN input may or may not reach outputs that do not depend on it
+(:class:`~normflux.Flow` rejects such inputs at its entry).
 """
 
 from __future__ import annotations
@@ -72,7 +76,10 @@ def forward(x: Tensor, layers: list[tuple[Tensor, Tensor, Tensor]], extra: Tenso
     (N, K), bias (N,), mask (N, K)), ...]``, a ReLU after every layer but the last, and
     ``extra`` (``(batch, N_1)`` or ``(1, N_1)``, or ``None``) added before the first ReLU.
     ``hs`` are the inputs of the layers (``x`` first), which :func:`backward` reads.
-    Call only when :func:`usable`."""
+    Call only when :func:`usable`.
+
+    Raises:
+        MemoryError: the kernel cannot allocate its packed weights."""
     lib = native.library()
     h = x.contiguous()
     M = h.shape[0]
@@ -101,7 +108,10 @@ def backward(g: Tensor, hs: list[Tensor], layers: list[tuple[Tensor, Tensor, Ten
     """``(g_x or None, g_extra or None, [g_weight_1, g_bias_1, ...])``: the backward of
     :func:`forward` for the gradient ``g (batch, N_L)`` of its output; the weight gradients
     are masked. ``g_x`` only when ``input_grad``, ``g_extra`` (``(batch, N_1)``) only when
-    ``extra_grad``."""
+    ``extra_grad``.
+
+    Raises:
+        MemoryError: the kernel cannot allocate its packed weights."""
     lib = native.library()
     g = g.contiguous()
     M = g.shape[0]

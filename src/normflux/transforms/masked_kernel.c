@@ -5,10 +5,10 @@
  * Why: a MADE's masks are made from degrees (Germain et al. 2015, eq. 13-14); with the
  * hidden units in order of degree (nets/made.py) each mask is a staircase, about half
  * zeros, and a dense GEMM multiplies them all. Here the output columns are taken in
- * panels of NR = 32 and the batch rows in tiles of MR = 12; a panel multiplies only the
- * range of inputs where its rows of M are not zero (and the weight gradient's tiles that
- * M zeroes are not computed). For B2 of the speed suite (MADE 16-128-128-32, batch 1024)
- * that is 65 % of the hidden layer's multiply-adds. Any mask is exact: the skipped
+ * panels of NR = 32 and the batch rows in tiles of MR = 12; each 16-column half of a
+ * panel multiplies only the range of inputs where its rows of M are not zero (and the
+ * weight gradient's tiles that M zeroes are not computed). For B2 of the speed suite
+ * (MADE 16-128-128-32, batch 1024) that is 58 % of the hidden layer's multiply-adds. Any mask is exact: the skipped
  * products are those with a zero factor of M (rows of M that are not a staircase only
  * save less).
  *
@@ -152,13 +152,17 @@ tile(const int mr, const int nv, const int epi, const int64_t *r, const float *A
     case EPI_MASK: TILE_SWITCH(NV, EPI_MASK)                                               \
     }
 
+/* the lanes of vector v (0 or 1) of a panel that the first width <= NR columns cover */
+static inline __mmask16 lanes(int64_t width, int v) {
+    const int64_t n = width - 16 * v;
+    return n >= 16 ? (__mmask16)0xFFFF : n > 0 ? (__mmask16)((1u << n) - 1) : (__mmask16)0;
+}
+
 /* a tile of mr <= MR rows and width <= NR columns, r[0..3] the vectors' ranges of k */
 static void run_tile(int mr, int width, int epi, const int64_t *r, const float *A, int64_t ars,
                      int64_t aks, const float *B, int64_t bks, float *C, int64_t ldc,
                      const float *E, int64_t lde, const float *X, int64_t ldx) {
-    const __mmask16 m0 = width >= 16 ? 0xFFFF : (__mmask16)((1u << width) - 1);
-    const __mmask16 m1 = width >= NR ? 0xFFFF
-                         : width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : 0;
+    const __mmask16 m0 = lanes(width, 0), m1 = lanes(width, 1);
     if (width > 16) {
         EPI_SWITCH(2)
     } else {
@@ -248,9 +252,7 @@ static float *pack(int64_t rows, int64_t cols, const float *w, const float *mask
                 }
             }
         } else { /* W: columns o0 .. o0 + width of each row */
-            const __mmask16 m0 = width >= 16 ? 0xFFFF : (__mmask16)((1u << width) - 1);
-            const __mmask16 m1 = width >= NR ? 0xFFFF
-                                 : width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : 0;
+            const __mmask16 m0 = lanes(width, 0), m1 = lanes(width, 1);
             for (int64_t t = 0; t < inner; t++) {
                 const float *wr = w + t * cols + o0, *mr = mask + t * cols + o0;
                 const __m512 k0 = _mm512_maskz_loadu_ps(m0, mr);
@@ -340,9 +342,7 @@ int nfx_masked_grad_weight(int64_t M, int64_t K, int64_t N, const float *g, cons
         for (int64_t k0 = 0; k0 < K; k0 += NR) {
             const int width = K - k0 < NR ? (int)(K - k0) : NR;
             /* whether each vector's part of the mask is not zero (NaN counts as not zero) */
-            const __mmask16 m0 = width >= 16 ? 0xFFFF : (__mmask16)((1u << width) - 1);
-            const __mmask16 m1 = width >= NR ? 0xFFFF
-                                 : width > 16 ? (__mmask16)((1u << (width - 16)) - 1) : 0;
+            const __mmask16 m0 = lanes(width, 0), m1 = lanes(width, 1);
             const __m512 zero = _mm512_setzero_ps();
             int any[2] = {0, 0};
             for (int i = 0; i < mr; i++) {
